@@ -1,0 +1,169 @@
+"""The `covidsearch` command: parse, call the library, print. Errors are one line and exit non-zero."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from . import data, models, search, spaces, tracking
+
+    known = (data.DataError, spaces.SpaceError, tracking.StoreError, search.SearchError, models.WeightsError)
+    try:
+        return args.func(args) or 0
+    except search.SearchInterrupted as stop:
+        print(f"\ninterrupted: the trial in flight is recorded as KILLED. Resume with:\n  {stop.command}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except known as err:
+        print(f"covidsearch: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="covidsearch", description=__doc__)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="search hyperparameters; every trial goes to MLflow")
+    run.add_argument("--data", required=True, help="dataset root (tutorial or Kaggle layout)")
+    _search_options(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="a 2-trial search on generated (synthetic) images, for newcomers")
+    demo.add_argument("--dir", default="demo-data", help="where to write the synthetic images")
+    _store_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    runs = sub.add_parser("runs", help="leaderboard of a search (the latest by default)")
+    runs.add_argument("--search", help="search run id")
+    _store_options(runs)
+    runs.set_defaults(func=cmd_runs)
+
+    ui = sub.add_parser("ui", help="MLflow UI on the same store, on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    _store_options(ui)
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns, "
+                                          "or MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: covidsearch)")
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", default="vanilla", help="experiments/NAME.toml or a path to a space file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                   help="pin a hyperparameter or fixed setting (repeatable)")
+    p.add_argument("--weights", help="backbone weights: imagenet, none or a PATH to a no-top weights file")
+    p.add_argument("--tuner", choices=["hyperband", "random", "bayesian"], help="default: the space's (hyperband)")
+    p.add_argument("--max-trials", type=int)
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--objective", help="validation metric to optimise (default val_loss)")
+    p.add_argument("--seed", type=int, default=28)
+    p.add_argument("--classes", nargs="+", help="class folders (default: COVID-19 Normal 'Viral Pneumonia')")
+    p.add_argument("--test-per-class", type=int, help="held-out test images per class (default 40)")
+    p.add_argument("--test-data", help="a separate test dataset instead of --test-per-class")
+    p.add_argument("--dedupe", action="store_true", help="keep each group of (near-)duplicates in one split")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="do not start with the tutorial's configuration")
+    p.add_argument("--precision", choices=["auto", "float32", "mixed"], default="auto")
+    p.add_argument("--project-dir", help="where Keras Tuner keeps its state (default mlruns/tuner)")
+    p.add_argument("--cache-dir", help="decoded-image cache (default mlruns/cache)")
+    p.add_argument("--trials-per-worker", type=int, default=1,
+                   help="trials per worker process before it is replaced (1 = each trial in a fresh process)")
+    p.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_const", const="required", dest="resume", default="auto",
+                        help="continue the unfinished search with these settings (the default when there is one)")
+    resume.add_argument("--fresh", action="store_const", const="never", dest="resume",
+                        help="start a new search even if an identical one is unfinished")
+    _store_options(p)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import search
+
+    sets = list(args.sets) + ([f"weights={args.weights}"] if args.weights else [])
+    opts = search.Options(
+        data=args.data, space=args.space, sets=sets, tuner=args.tuner, max_trials=args.max_trials,
+        max_epochs=args.max_epochs, objective=args.objective, seed=args.seed, classes=args.classes,
+        test_per_class=args.test_per_class, test_data=args.test_data, dedupe=args.dedupe, baseline=args.baseline,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, project_dir=args.project_dir,
+        cache_dir=args.cache_dir, precision=args.precision, resume=args.resume,
+        max_consecutive_failed_trials=args.max_failures, trials_per_worker=args.trials_per_worker)
+    result = search.run(opts)
+    _print_leaderboard(args, result.search_run_id)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo, search
+
+    root = demo.make_dataset(args.dir, per_class=60, size=64)
+    print(f"wrote SYNTHETIC images (not real X-rays) to {root}/; get the real database from "
+          "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database")
+    opts = search.Options(data=str(root), space="vanilla", tuner="random", max_trials=2, max_epochs=3,
+                          test_per_class=10, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                          resume="never")
+    result = search.run(opts)
+    _print_leaderboard(args, result.search_run_id)
+    print("\nopen the MLflow UI on this store:  covidsearch ui   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    _print_leaderboard(args, args.search)
+    return 0
+
+
+def _print_leaderboard(args: argparse.Namespace, search_id: str | None) -> None:
+    from . import tracking
+
+    client, experiment_id = tracking.connect(args.tracking_uri, args.experiment, create=False)
+    search_id = search_id or tracking.latest_search(client, experiment_id)
+    rows = tracking.leaderboard(client, experiment_id, search_id)
+    objective = client.get_run(search_id).data.params.get("objective", "val_loss")
+    print(f"\nsearch {search_id}: {len(rows)} trial(s), best {objective} first")
+    print(format_table(rows, objective))
+
+
+def format_table(rows: list[dict], objective: str) -> str:
+    """The leaderboard as aligned text."""
+    skip = {"color_mode", "val_fraction", "test_per_class", "patience", "min_delta", "model", "weights"}
+    header = ["run_id", "trial", "status", objective, "test_acc", "covid_sens", "hyperparameters"]
+    lines = [header]
+    for r in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        hps = " ".join(f"{k}={v}" for k, v in r["params"].items() if k not in skip)
+        lines.append([r["run_id"], r["trial"] + (" baseline" if r["baseline"] else ""), r["status"],
+                      fmt(r["objective"]), fmt(r["test_accuracy"]), fmt(r["test_sensitivity_covid_19"]), hps])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + str(line[-1])
+                     for line in lines)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from . import tracking
+
+    uri = tracking.store_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", (Path(tracking.STORE_DIR) / "artifacts").resolve().as_uri()]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
+    try:
+        return subprocess.call(cmd, env=os.environ.copy())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

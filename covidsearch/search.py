@@ -1,0 +1,417 @@
+"""A search: space -> oracle proposes -> each trial runs in a worker process -> MLflow.
+
+Keras Tuner's oracles propose the points and keep the search state on disk (so a killed
+search resumes); covidsearch's Tuner runs each trial in a spawned worker process and records
+it as a child run of the search's parent run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import keras_tuner as kt
+from keras_tuner.src.engine import base_tuner
+
+from . import data, models, spaces, tracking, trial
+
+TUNERS = ("hyperband", "random", "bayesian")
+
+
+@dataclass
+class Options:
+    """Everything `covidsearch run` takes; defaults not given here come from the space file."""
+
+    data: str
+    space: str = "vanilla"
+    sets: list[str] = field(default_factory=list)
+    tuner: str | None = None
+    max_trials: int | None = None
+    max_epochs: int | None = None
+    objective: str | None = None
+    seed: int = 28
+    classes: list[str] | None = None
+    test_per_class: int | None = None
+    test_data: str | None = None
+    dedupe: bool = False
+    baseline: bool = True
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    project_dir: str | None = None
+    cache_dir: str | None = None
+    precision: str = "auto"
+    resume: str = "auto"  # auto: continue an unfinished identical search; never; required
+    max_consecutive_failed_trials: int = 3
+    trials_per_worker: int = 1
+
+
+@dataclass
+class Result:
+    """What a finished search reports."""
+
+    search_run_id: str
+    best_run_id: str | None
+    best_score: float | None
+    objective: str
+    trials: int
+    resumed: bool
+
+
+class SearchError(RuntimeError):
+    """The search cannot go on; shown as a one-line error (nothing recorded is lost)."""
+
+
+# ---------------------------------------------------------------- oracles
+
+
+class _BaselineFirst:
+    """Oracle mixin: the first point proposed is the space's default point, the tutorial."""
+
+    baseline = True
+
+    def _default_values(self) -> dict[str, Any]:
+        hps = kt.HyperParameters()
+        for hp in self.hyperparameters.space:
+            hps.merge([hp])
+            if hps.is_active(hp):
+                hps.values[hp.name] = hp.default
+        return hps.values
+
+    def _random_values(self) -> dict[str, Any] | None:
+        defaults = self._default_values()
+        if self.baseline and not self._duplicate(defaults):
+            return defaults
+        return super()._random_values()
+
+
+class RandomOracle(_BaselineFirst, kt.oracles.RandomSearchOracle):
+    """Random search, tutorial first."""
+
+
+class BayesianOracle(_BaselineFirst, kt.oracles.BayesianOptimizationOracle):
+    """Gaussian-process Bayesian optimisation, tutorial first."""
+
+
+class HyperbandOracle(_BaselineFirst, kt.oracles.HyperbandOracle):
+    """Hyperband, tutorial first."""
+
+
+def make_oracle(tuner: str, objective: str, max_trials: int, max_epochs: int, seed: int, baseline: bool,
+                max_failures: int) -> kt.Oracle:
+    """The Keras Tuner oracle for --tuner, stopping after max_trials trials."""
+    goal = kt.Objective(objective, "max" if _maximise(objective) else "min")
+    common = {"objective": goal, "seed": seed, "max_consecutive_failed_trials": max_failures}
+    if tuner == "hyperband":
+        oracle = HyperbandOracle(max_epochs=max_epochs, factor=3, **common)
+        oracle.max_trials = max_trials
+    elif tuner == "random":
+        oracle = RandomOracle(max_trials=max_trials, **common)
+    elif tuner == "bayesian":
+        oracle = BayesianOracle(max_trials=max_trials, **common)
+    else:
+        raise SearchError(f"unknown tuner {tuner!r}: use {', '.join(TUNERS)}")
+    oracle.baseline = baseline
+    return oracle
+
+
+def _maximise(objective: str) -> bool:
+    return not objective.endswith("loss")
+
+
+# ---------------------------------------------------------------- workers
+
+
+class Workers:
+    """Runs each trial in a spawned worker process, replaced after `trials_per_worker` trials."""
+
+    def __init__(self, trials_per_worker: int = 1):
+        self.trials_per_worker = trials_per_worker
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(self, spec: trial.Spec, plan: trial.Plan) -> dict[str, float]:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             max_tasks_per_child=self.trials_per_worker)
+        try:
+            return self._pool.submit(trial.run, spec, plan).result()
+        except BrokenProcessPool:
+            self._pool = None
+            raise trial.TrialFailed("the worker process died (killed, or out of memory)") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+# ---------------------------------------------------------------- tuner
+
+
+class Tuner(base_tuner.BaseTuner):
+    """Keras Tuner's trial loop; each trial becomes a worker-process run and an MLflow child run."""
+
+    def __init__(self, oracle: kt.Oracle, space: spaces.Space, plan: trial.Plan, max_epochs: int,
+                 client: Any, experiment_id: str, search_run_id: str, workers: Workers, directory: str,
+                 project_name: str, report: Callable[[str], None]):
+        super().__init__(oracle, hypermodel=None, directory=directory, project_name=project_name)
+        self.space, self.plan, self.max_epochs = space, plan, max_epochs
+        self.client, self.experiment_id, self.search_run_id = client, experiment_id, search_run_id
+        self.workers, self.report = workers, report
+        self.baseline_values = space.defaults()
+        if not self.oracle.hyperparameters.space:
+            self.oracle.update_space(space.hyperparameters())
+
+    def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
+        values = dict(kt_trial.hyperparameters.values)
+        config = self.space.config(values)
+        is_baseline = {k: v for k, v in values.items() if not k.startswith("tuner/")} == self.baseline_values
+        run_id = tracking.create_run(self.client, self.experiment_id, f"trial-{kt_trial.trial_id}", {
+            "covidsearch_kind": "trial", "covidsearch_trial_id": kt_trial.trial_id,
+            "baseline": str(is_baseline).lower()}, parent_id=self.search_run_id)
+        self.client.log_batch(run_id, params=_params(config))
+        spec = trial.Spec(kt_trial.trial_id, run_id, config, epochs=int(values.get("tuner/epochs", self.max_epochs)),
+                          initial_epoch=int(values.get("tuner/initial_epoch", 0)),
+                          trial_dir=self.get_trial_dir(kt_trial.trial_id),
+                          warm_start=self._warm_start(values.get("tuner/trial_id")))
+        started = time.perf_counter()
+        try:
+            result = self.workers.run(spec, self.plan)
+        except trial.TrialFailed as err:
+            if not tracking.is_terminal(self.client.get_run(run_id).info.status):
+                tracking.end_run(self.client, run_id, "FAILED", str(err))
+            self.report(f"trial {kt_trial.trial_id} failed: {err}")
+            raise kt.errors.FailedTrialError(str(err)) from None
+        self._record_best()
+        self.report(_trial_line(kt_trial.trial_id, values, result, self.oracle.objective.name,
+                                time.perf_counter() - started, is_baseline))
+        return result
+
+    def _warm_start(self, previous: str | None) -> str | None:
+        if previous is None:
+            return None
+        path = Path(self.get_trial_dir(previous)) / "best.weights.h5"
+        return str(path) if path.exists() else None
+
+    def _record_best(self) -> None:
+        """Keep the search run's best trial id and score current after every trial."""
+        rows = [r for r in tracking.leaderboard(self.client, self.experiment_id, self.search_run_id)
+                if r["status"] == "FINISHED" and r["objective"] is not None]
+        if rows:
+            self.client.set_tag(self.search_run_id, "best_trial_run_id", rows[0]["run_id"])
+            self.client.log_metric(self.search_run_id, f"best_{self.oracle.objective.name}", rows[0]["objective"])
+
+
+def _params(config: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in sorted(config.items())]
+
+
+def _trial_line(trial_id: str, values: dict, result: dict, objective: str, seconds: float, baseline: bool) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if not k.startswith("tuner/"))
+    tag = " [baseline]" if baseline else ""
+    return f"trial {trial_id}{tag}: {objective}={result.get(objective, float('nan')):.4f} ({seconds:.0f} s) {shown}"
+
+
+# ---------------------------------------------------------------- the search
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the trial in flight is recorded as KILLED; `command` resumes the search."""
+
+    def __init__(self, command: str):
+        super().__init__(command)
+        self.command = command
+
+
+def run(opts: Options, report: Callable[[str], None] = print) -> Result:
+    """Run (or resume) a search and return where its results are."""
+    space = spaces.load(opts.space).pin(opts.sets)
+    tuner_name = opts.tuner or space.search.get("tuner", "hyperband")
+    max_trials = int(opts.max_trials or space.search.get("max_trials", 20))
+    max_epochs = int(opts.max_epochs or space.search.get("max_epochs", 30))
+    objective = opts.objective or space.search.get("objective", "val_loss")
+    if tuner_name not in TUNERS:
+        raise SearchError(f"unknown tuner {tuner_name!r}: use {', '.join(TUNERS)}")
+    if not objective.startswith("val_"):
+        raise SearchError(f"objective {objective!r} must be a validation metric such as val_loss or val_accuracy")
+
+    _preflight(space)
+    client, experiment_id = tracking.connect(opts.tracking_uri, opts.experiment)
+    uri = tracking.store_uri(opts.tracking_uri)
+    cache_dir = Path(opts.cache_dir or tracking.STORE_DIR / "cache")
+    dataset = data.scan(opts.data, opts.classes, cache_dir)
+    test_dataset = data.scan(opts.test_data, dataset.classes, cache_dir) if opts.test_data else None
+    test_per_class = opts.test_per_class if opts.test_per_class is not None else int(space.fixed.get("test_per_class", 40))
+    parts = data.split(dataset, opts.seed, float(space.fixed.get("val_fraction", 0.2)), test_per_class,
+                       test_dataset, opts.dedupe)
+    weights = data.class_weights(dataset.labels[parts.train], len(dataset.classes))
+    report(_data_line(dataset, parts, weights))
+
+    settings = {"space": space.path.stem, "tuner": tuner_name, "max_trials": max_trials, "max_epochs": max_epochs,
+                "objective": objective, "objective_direction": "max" if _maximise(objective) else "min",
+                "seed": opts.seed, "baseline": opts.baseline, "test_per_class": test_per_class,
+                "dedupe": opts.dedupe, "classes": "|".join(dataset.classes), "precision": opts.precision,
+                "test_data": opts.test_data or "", "sets": " ".join(opts.sets)}
+    key = _search_key(space, settings, dataset, parts)
+    directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
+    project_name, state = _find_project(directory, f"{space.path.stem}-{key}", opts.resume)
+    if state:
+        search_run_id = state["search_run_id"]
+        tracking.get_run(client, search_run_id)
+        client.update_run(search_run_id, "RUNNING")
+        for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
+            report(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
+        report(f"resuming search {search_run_id}")
+    else:
+        search_run_id = tracking.create_run(client, experiment_id, f"search-{space.path.stem}",
+                                            {"covidsearch_kind": "search", **_provenance()})
+        _log_search(client, search_run_id, space, settings, dataset, parts, weights)
+        _write_state(directory / project_name, search_run_id, "running")
+    report(f"search run {search_run_id} in {uri}")
+
+    plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, objective, opts.seed, opts.precision)
+    oracle = make_oracle(tuner_name, objective, max_trials, max_epochs, opts.seed, opts.baseline,
+                         opts.max_consecutive_failed_trials)
+    workers = Workers(opts.trials_per_worker)
+    tuner = Tuner(oracle, space, plan, max_epochs, client, experiment_id, search_run_id, workers, str(directory),
+                  project_name, report)
+    tuner.oracle.max_trials = max_trials
+    tuner.save()
+    try:
+        tuner.search(verbose=0)
+    except KeyboardInterrupt:
+        tracking.close_orphans(client, experiment_id, search_run_id)
+        tracking.end_run(client, search_run_id, "KILLED", "interrupted by the user")
+        raise SearchInterrupted(" ".join(["covidsearch", *sys.argv[1:]]) + " --resume") from None
+    except RuntimeError as err:
+        if "consecutive failures" not in str(err):
+            raise
+        tracking.close_orphans(client, experiment_id, search_run_id, "FAILED")
+        tracking.end_run(client, search_run_id, "FAILED", str(err))
+        _write_state(directory / project_name, search_run_id, "failed")
+        raise SearchError(f"search stopped: {opts.max_consecutive_failed_trials} trials in a row failed; "
+                          f"last error: {str(err).splitlines()[-1]}") from None
+    finally:
+        workers.close()
+    client.set_terminated(search_run_id, "FINISHED")
+    _write_state(directory / project_name, search_run_id, "finished")
+    best = client.get_run(search_run_id).data
+    return Result(search_run_id, best.tags.get("best_trial_run_id"), best.metrics.get(f"best_{objective}"), objective,
+                  len(tracking.trial_runs(client, experiment_id, search_run_id)), bool(state))
+
+
+def _preflight(space: spaces.Space) -> None:
+    """Fail at once on backbone weights that cannot be had or do not fit, before anything is recorded."""
+    weights = str(space.fixed.get("weights", "none"))
+    if space.fixed.get("model") != "transfer" or weights == "none":
+        return
+    config = space.config(space.defaults())
+    if weights == "imagenet":
+        cached = models.imagenet_file(config["backbone"], int(config["input_size"]), float(config.get("alpha", 1.0)))
+        if not cached.is_file():
+            models.backbone_model(config)  # raises WeightsError naming the file and the alternatives
+        return
+    if "backbone" in space.params and "backbone" not in space.pinned:
+        raise SearchError(f"--weights {weights} fits one backbone: pin it, e.g. --set backbone=MobileNet --set alpha=0.25")
+    models.backbone_model(config)
+    keras.backend.clear_session()
+
+
+def _data_line(dataset: data.Dataset, parts: data.Split, weights: dict[int, float]) -> str:
+    counts = ", ".join(f"{c} {n}" for c, n in dataset.counts().items())
+    skipped = f"; skipped {len(dataset.skipped)} unreadable file(s)" if dataset.skipped else ""
+    return (f"data: {len(dataset.samples)} images ({counts}), {dataset.layout} layout{skipped}; "
+            f"split {len(parts.train)} train / {len(parts.val)} val / {len(parts.test)} test; class weights "
+            + ", ".join(f"{dataset.classes[i]} {w:.3f}" for i, w in weights.items()))
+
+
+def _search_key(space: spaces.Space, settings: dict, dataset: data.Dataset, parts: data.Split) -> str:
+    """Identity of a search: the same command on the same files gives the same key (and resumes)."""
+    h = hashlib.sha256(space.path.read_bytes())
+    h.update(json.dumps([settings, dataset.fingerprint(), parts.test_dataset.fingerprint()], sort_keys=True,
+                        default=str).encode())
+    return h.hexdigest()[:10]
+
+
+def _find_project(directory: Path, prefix: str, resume: str) -> tuple[str, dict | None]:
+    """The unfinished search with this key to resume, or the name for a new one."""
+    existing = sorted((p for p in directory.glob(f"{prefix}*") if (p / "covidsearch.json").exists()),
+                      key=lambda p: p.stat().st_mtime)
+    if resume != "never":
+        for path in reversed(existing):
+            state = json.loads((path / "covidsearch.json").read_text())
+            if state["status"] == "running":
+                return path.name, state
+    if resume == "required":
+        raise SearchError("nothing to resume: no unfinished search with these settings in this store")
+    return f"{prefix}-{len(existing) + 1}", None
+
+
+def _write_state(path: Path, search_run_id: str, status: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "covidsearch.json").write_text(json.dumps({"search_run_id": search_run_id, "status": status}))
+
+
+def _provenance() -> dict[str, str]:
+    """Git commit and package versions, so a result can be traced to the code that made it."""
+    tags = {"git_commit": _git_commit(), "python": sys.version.split()[0], "keras_backend": keras.backend.backend()}
+    for package in ("covidsearch", "keras", "keras-tuner", "mlflow", "tensorflow", "jax", "numpy", "scikit-learn"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            continue
+    return tags
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _log_search(client: Any, run_id: str, space: spaces.Space, settings: dict, dataset: data.Dataset,
+                parts: data.Split, weights: dict[int, float]) -> None:
+    """The search run's record: settings, space file, data summary, split manifest, skipped files, leakage."""
+    from mlflow.entities import Param
+
+    leakage = data.leakage(dataset, parts)
+    summary = {
+        "root": dataset.root, "layout": dataset.layout, "classes": dataset.classes,
+        "fingerprint": dataset.fingerprint(), "test_fingerprint": parts.test_dataset.fingerprint(),
+        "counts": {name: {c: int((ds.labels[idx] == i).sum()) for i, c in enumerate(dataset.classes)}
+                   for name, idx, ds in (("train", parts.train, dataset), ("val", parts.val, dataset),
+                                         ("test", parts.test, parts.test_dataset))},
+        "skipped": len(dataset.skipped), "class_weights": {dataset.classes[i]: w for i, w in weights.items()},
+        "exact_duplicates_across_splits": leakage["exact_duplicates"],
+        "near_duplicates_across_splits": leakage["near_duplicates"],
+    }
+    params = {**settings, "data_root": dataset.root, "data_fingerprint": summary["fingerprint"],
+              "images": len(dataset.samples), "train_images": len(parts.train), "val_images": len(parts.val),
+              "test_images": len(parts.test), "skipped_files": len(dataset.skipped),
+              **{f"class_weight_{data.metric_safe(c)}": f"{w:.6f}" for c, w in summary["class_weights"].items()}}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_tag(run_id, "data_fingerprint", summary["fingerprint"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "dataset.json").write_text(json.dumps(summary, indent=2))
+        (out / "leakage.json").write_text(json.dumps(leakage, indent=2))
+        data.write_csv(data.manifest_rows(dataset, parts), out / "split_manifest.csv")
+        data.write_csv([{"file": f, "reason": r} for f, r in dataset.skipped] or [{"file": "", "reason": ""}],
+                       out / "skipped_files.csv")
+        (out / space.path.name).write_bytes(space.path.read_bytes())
+        client.log_artifacts(run_id, str(out), "search")

@@ -1,0 +1,145 @@
+"""MLflow store and runs: one parent run per search, one nested child run per trial.
+
+The default store is SQLite at mlruns/mlflow.db with artifacts under mlruns/ (MLflow 3
+refuses the old file store); --tracking-uri or MLFLOW_TRACKING_URI point elsewhere.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "covidsearch"
+STORE_DIR = Path("mlruns")
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used; shown as a one-line error."""
+
+
+def store_uri(tracking_uri: str | None = None) -> str:
+    """Explicit URI, else MLFLOW_TRACKING_URI, else SQLite under ./mlruns."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def _is_default_local(uri: str) -> bool:
+    return uri == f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def connect(tracking_uri: str | None = None, experiment: str | None = None,
+            create: bool = True) -> tuple[MlflowClient, str]:
+    """Point MLflow at the store and return a client and the experiment id."""
+    uri = store_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        _check_writable_sqlite(Path(uri[len("sqlite:///"):]))
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = experiment or DEFAULT_EXPERIMENT
+    try:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return client, found.experiment_id
+        if not create:
+            raise StoreError(f"no experiment {name!r} in {uri}")
+        location = (STORE_DIR / "artifacts").resolve().as_uri() if _is_default_local(uri) else None
+        return client, client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        raise StoreError(f"cannot use tracking store {uri}: {str(err).splitlines()[0]}") from None
+
+
+def _check_writable_sqlite(db: Path) -> None:
+    """Fail early and clearly when the SQLite store cannot be created or written."""
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS covidsearch_probe (x INTEGER)")
+            conn.execute("DROP TABLE covidsearch_probe")
+    except (OSError, sqlite3.Error) as err:
+        raise StoreError(f"cannot write tracking store {db}: {err}") from None
+
+
+def create_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str],
+               parent_id: str | None = None) -> str:
+    """A new RUNNING run; a trial run is nested under its search run."""
+    tags = {"mlflow.runName": name, **tags}
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """Terminate a run, recording the error text on failure."""
+    if error:
+        client.set_tag(run_id, "error", error[-4900:])
+        client.set_tag(run_id, "mlflow.note.content", f"```\n{error[-20000:]}\n```")
+    client.set_terminated(run_id, status=status)
+
+
+def close_orphans(client: MlflowClient, experiment_id: str, parent_id: str, status: str = "KILLED") -> list[str]:
+    """Runs of this search left RUNNING by a killed process: end them so none stays RUNNING."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                               "attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        end_run(client, run.info.run_id, status, "the process running this trial ended before it finished")
+    return [r.info.run_id for r in runs]
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list[mlflow.entities.Run]:
+    """Every child run of a search."""
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
+
+
+def latest_search(client: MlflowClient, experiment_id: str) -> str:
+    """The most recent search run of the experiment."""
+    runs = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise StoreError("no search in this store yet: start one with `covidsearch run`")
+    return runs[0].info.run_id
+
+
+def get_run(client: MlflowClient, run_id: str) -> mlflow.entities.Run:
+    """A run by id, or a one-line error naming it."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise StoreError(f"unknown run id {run_id!r} in {mlflow.get_tracking_uri()}") from None
+
+
+def leaderboard(client: MlflowClient, experiment_id: str, search_id: str) -> list[dict[str, Any]]:
+    """Trials of a search, best objective first, with what a user compares."""
+    parent = get_run(client, search_id)
+    objective = parent.data.params.get("objective", "val_loss")
+    direction = parent.data.params.get("objective_direction", "min")
+    rows = []
+    for run in trial_runs(client, experiment_id, search_id):
+        m, p = run.data.metrics, run.data.params
+        rows.append({
+            "run_id": run.info.run_id,
+            "trial": run.data.tags.get("covidsearch_trial_id", ""),
+            "status": run.info.status,
+            "baseline": run.data.tags.get("baseline") == "true",
+            "params": {k: v for k, v in p.items()},
+            "objective": m.get(f"best_{objective}"),
+            "test_accuracy": m.get("test_accuracy"),
+            "test_sensitivity_covid_19": m.get("test_sensitivity_covid_19"),
+            "epochs": m.get("epochs_trained"),
+        })
+    sign = 1 if direction == "min" else -1
+    rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0.0)))
+    return rows
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL
+
+
+__all__ = ["RunStatus"]

@@ -1,0 +1,201 @@
+"""One trial: build the model, fit it as the tutorial does, evaluate on the held-out test set, log.
+
+`run` executes inside a worker process (see search.py), so a crash, an out-of-memory kill or
+leaked framework memory ends with that process and never reaches the search.
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from importlib.metadata import version
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+from mlflow.models import infer_signature
+
+from . import data, metrics, models
+
+
+@dataclass
+class Plan:
+    """What every trial of a search shares: the data, its split and where things go."""
+
+    dataset: data.Dataset
+    split: data.Split
+    class_weights: dict[int, float]
+    cache_dir: str
+    tracking_uri: str
+    objective: str
+    seed: int
+    precision: str = "auto"
+
+
+@dataclass
+class Spec:
+    """One trial as the oracle proposed it."""
+
+    trial_id: str
+    run_id: str
+    config: dict[str, Any]
+    epochs: int
+    initial_epoch: int
+    trial_dir: str
+    warm_start: str | None = None  # best weights of the Hyperband round this trial continues
+
+
+class TrialFailed(RuntimeError):
+    """The trial could not produce a usable model (NaN loss, bad configuration, ...)."""
+
+
+def run(spec: Spec, plan: Plan) -> dict[str, float]:
+    """Train and evaluate one trial; return the best epoch's validation metrics for the oracle."""
+    mlflow.set_tracking_uri(plan.tracking_uri)
+    client = mlflow.tracking.MlflowClient(plan.tracking_uri)
+    started = time.perf_counter()
+    with mlflow.start_run(run_id=spec.run_id):
+        try:
+            keras.utils.set_random_seed(plan.seed + int(spec.trial_id))
+            _set_precision(plan.precision)
+            x_train, y_train, x_val, y_val, x_test, y_test = _arrays(spec.config, plan)
+            classes = plan.dataset.classes
+            model = _build(spec, len(classes))
+            weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
+            validation = ValidationMetrics(x_val, y_val, classes, int(spec.config["batch_size"]))
+            logger = EpochLogger(client, spec.run_id)
+            history = model.fit(
+                x_train, keras.utils.to_categorical(y_train, len(classes)),
+                batch_size=int(spec.config["batch_size"]), epochs=spec.epochs, initial_epoch=spec.initial_epoch,
+                class_weight=plan.class_weights, shuffle=True, verbose=0,
+                callbacks=[validation, keras.callbacks.TerminateOnNaN(),
+                           keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(spec.config["patience"]),
+                                                         min_delta=float(spec.config["min_delta"]), mode="min",
+                                                         restore_best_weights=True),
+                           keras.callbacks.ModelCheckpoint(weights_path, monitor="val_loss", mode="min",
+                                                           save_best_only=True, save_weights_only=True),
+                           logger],
+            )
+            losses = history.history.get("loss", [])
+            if not losses or any(not math.isfinite(v) for v in losses):
+                raise TrialFailed(f"training loss became NaN or infinite after {len(losses)} epoch(s)")
+            model.load_weights(weights_path)
+            best = validation.best(plan.objective)
+            test_probs = model.predict(x_test, batch_size=int(spec.config["batch_size"]), verbose=0)
+            test = metrics.evaluate(y_test, test_probs, classes)
+            client.log_batch(spec.run_id, metrics=_metric_list({f"test_{k}": v for k, v in test.items()}))
+            mlflow.log_table(metrics.confusion_table(y_test, test_probs, classes), "confusion_matrix.json")
+            _log_model(model, x_test[:2], test_probs[:2], spec)
+            mlflow.log_metrics({"epochs_trained": len(losses) + spec.initial_epoch,
+                                "trial_seconds": time.perf_counter() - started,
+                                **{f"best_{k}": v for k, v in best.items()}})
+            return best
+        except KeyboardInterrupt:
+            client.set_tag(spec.run_id, "error", "interrupted by the user")
+            mlflow.end_run("KILLED")
+            raise
+        except Exception as err:
+            client.set_tag(spec.run_id, "error", f"{type(err).__name__}: {err}"[:4900])
+            client.set_tag(spec.run_id, "mlflow.note.content", f"```\n{traceback.format_exc()[-20000:]}\n```")
+            mlflow.end_run("FAILED")
+            raise TrialFailed(f"{type(err).__name__}: {err}") from None
+
+
+def _set_precision(precision: str) -> None:
+    """bfloat16 mixed precision on GPUs that support it (auto), float32 on CPU."""
+    if precision == "auto":
+        precision = "mixed" if _has_gpu() else "float32"
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "mixed" else "float32")
+
+
+def _has_gpu() -> bool:
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return bool(tf.config.list_physical_devices("GPU"))
+    return False
+
+
+def _arrays(config: dict[str, Any], plan: Plan) -> tuple[np.ndarray, ...]:
+    """Train/validation/test pixels of this trial's input size from the decode-once cache."""
+    size, mode = int(config["input_size"]), config.get("color_mode", "rgb")
+    pixels = data.arrays(plan.dataset, size, mode, plan.cache_dir)
+    labels = plan.dataset.labels
+    test_ds = plan.split.test_dataset
+    test_pixels = pixels if test_ds is plan.dataset else data.arrays(test_ds, size, mode, plan.cache_dir)
+    return (np.asarray(pixels[plan.split.train]), labels[plan.split.train],
+            np.asarray(pixels[plan.split.val]), labels[plan.split.val],
+            np.asarray(test_pixels[plan.split.test]), test_ds.labels[plan.split.test])
+
+
+def _build(spec: Spec, n_classes: int) -> Any:
+    """The model, continuing from the previous Hyperband round's weights when there is one."""
+    model = models.build(spec.config, n_classes)
+    if spec.warm_start:
+        model.load_weights(spec.warm_start)
+    return model
+
+
+def _log_model(model: Any, x_example: np.ndarray, probs: np.ndarray, spec: Spec) -> None:
+    """The best checkpoint as an MLflow 3 logged model (.keras) with its signature."""
+    mlflow.keras.log_model(model, name="model", signature=infer_signature(x_example, probs),
+                           pip_requirements=_requirements(), params=None)
+
+
+def _requirements() -> list[str]:
+    """Pinned runtime requirements (inferring them costs seconds per trial)."""
+    reqs = [f"keras=={version('keras')}", f"numpy=={version('numpy')}"]
+    backend = keras.backend.backend()
+    reqs.append(f"{backend}=={version(backend)}" if backend != "tensorflow" else f"tensorflow=={version('tensorflow')}")
+    return reqs
+
+
+def _metric_list(values: dict[str, float], step: int = 0) -> list:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v)]
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """Validation loss and every test metric per epoch from one prediction pass over the split."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int):
+        super().__init__()
+        self.x, self.y, self.classes, self.batch_size = x, y, classes, batch_size
+        self.epochs: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        probs = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        values = {f"val_{k}": v for k, v in metrics.evaluate(self.y, probs, self.classes).items()}
+        self.epochs.append(values)
+        if logs is not None:
+            logs.update(values)
+
+    def best(self, objective: str) -> dict[str, float]:
+        """The validation metrics of the epoch that is best by val_loss (the checkpoint kept)."""
+        if not self.epochs:
+            raise TrialFailed("no epoch finished")
+        best = min(self.epochs, key=lambda e: e["val_loss"])
+        if objective not in best:
+            raise TrialFailed(f"objective {objective!r} is not a validation metric; try val_loss, val_accuracy, "
+                              f"val_macro_f1 or val_sensitivity_<class>")
+        return best
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch train and validation metrics to the trial's MLflow run."""
+
+    def __init__(self, client: Any, run_id: str):
+        super().__init__()
+        self.client, self.run_id = client, run_id
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        values = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
+        self.client.log_batch(self.run_id, metrics=_metric_list(values, step=epoch))
+
