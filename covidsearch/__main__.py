@@ -1,0 +1,6 @@
+"""`python -m covidsearch` is the covidsearch command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared fixtures: small generated X-ray-like datasets and a private MLflow store per test."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from covidsearch import demo  # noqa: E402
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-radiography"
+
+
+@pytest.fixture(scope="session")
+def xray_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset in the tutorial layout (read-only for tests)."""
+    return demo.make_dataset(tmp_path_factory.mktemp("xrays"), per_class=40, size=48, seed=1)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty directory so the default store mlruns/ is private to the test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run the covidsearch command as a user would, in a fresh process."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "covidsearch.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})

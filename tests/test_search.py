@@ -1,0 +1,101 @@
+"""The main job: `covidsearch run` searches and MLflow holds every trial, as a user would check it."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import cli
+from covidsearch import spaces, tracking
+
+EIGHT = ["test_loss", "test_accuracy", "test_tp", "test_fp", "test_tn", "test_fn", "test_precision", "test_recall"]
+
+
+@pytest.fixture(scope="module")
+def finished_search(xray_dir, tmp_path_factory):
+    """A 2-trial vanilla search run through the CLI into a private store."""
+    work = tmp_path_factory.mktemp("search")
+    result = cli("run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "2",
+                 "--max-epochs", "2", "--test-per-class", "8", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("covidsearch")
+    return work, client, experiment.experiment_id, result.stdout
+
+
+def _search_and_trials(client, experiment_id):
+    searches = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
+    assert len(searches) == 1
+    parent = searches[0]
+    trials = tracking.trial_runs(client, experiment_id, parent.info.run_id)
+    return parent, sorted(trials, key=lambda r: r.data.tags["covidsearch_trial_id"])
+
+
+def test_search_run_records_settings_data_and_provenance(finished_search):
+    work, client, experiment_id, _ = finished_search
+    parent, trials = _search_and_trials(client, experiment_id)
+    assert parent.info.status == "FINISHED"
+    params = parent.data.params
+    assert params["tuner"] == "random" and params["max_trials"] == "2" and params["objective"] == "val_loss"
+    assert params["test_images"] == "24" and params["images"] == "120"
+    assert float(params["class_weight_covid_19"]) == pytest.approx(1.0)
+    assert parent.data.tags["git_commit"] and parent.data.tags["version.keras"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/vanilla.toml", "search/split_manifest.csv", "search/dataset.json", "search/leakage.json",
+            "search/skipped_files.csv"} <= artifacts
+    summary = json.loads(open(client.download_artifacts(parent.info.run_id, "search/dataset.json")).read())
+    assert summary["counts"]["test"] == {"COVID-19": 8, "Normal": 8, "Viral Pneumonia": 8}
+    best = parent.data.tags["best_trial_run_id"]
+    assert best in {t.info.run_id for t in trials}
+    best_loss = min(t.data.metrics["best_val_loss"] for t in trials)
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best_loss)
+
+
+def test_every_trial_is_a_finished_child_with_params_curves_test_metrics_and_model(finished_search):
+    work, client, experiment_id, _ = finished_search
+    _, trials = _search_and_trials(client, experiment_id)
+    assert [t.info.status for t in trials] == ["FINISHED", "FINISHED"]
+    for run in trials:
+        m = run.data.metrics
+        assert set(spaces.load("vanilla").params) <= set(run.data.params)
+        for name in EIGHT + ["test_macro_f1", "test_auc", "test_sensitivity_covid_19", "test_specificity_normal",
+                             "test_sensitivity_viral_pneumonia"]:
+            assert name in m, name
+        assert m["test_tp"] + m["test_fn"] == 24  # one positive label per test image
+        assert 0.0 <= m["test_sensitivity_covid_19"] <= 1.0
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert len(history) == int(m["epochs_trained"]) and len(client.get_metric_history(run.info.run_id, "loss"))
+        assert {"confusion_matrix.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert len(models) == 1
+    mlflow.set_tracking_uri(client.tracking_uri)
+    logged = client.search_logged_models([experiment_id])[0]
+    model = mlflow.keras.load_model(f"models:/{logged.model_id}")
+    probs = model.predict(np.zeros((1, *model.input_shape[1:]), dtype=np.uint8), verbose=0)
+    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-4)
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    assert info.signature is not None
+
+
+def test_first_trial_is_the_tutorial_baseline(finished_search):
+    _, client, experiment_id, _ = finished_search
+    _, trials = _search_and_trials(client, experiment_id)
+    baseline = trials[0]
+    assert baseline.data.tags["baseline"] == "true" and trials[1].data.tags["baseline"] == "false"
+    p = baseline.data.params
+    assert (p["input_size"], p["filters"], p["dense_units"], p["dropout"], p["batch_size"], p["learning_rate"]) == (
+        "50", "32", "256", "0.5", "250", "0.001")
+
+
+def test_runs_prints_the_leaderboard(finished_search):
+    work, client, experiment_id, stdout = finished_search
+    _, trials = _search_and_trials(client, experiment_id)
+    result = cli("runs", cwd=work)
+    assert result.returncode == 0, result.stderr
+    for run in trials:
+        assert run.info.run_id in result.stdout
+    assert "baseline" in result.stdout and "covid_sens" in result.stdout
