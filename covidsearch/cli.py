@@ -12,9 +12,10 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from . import data, models, search, spaces, tracking
+    from . import data, models, registry, search, spaces, tracking
 
-    known = (data.DataError, spaces.SpaceError, tracking.StoreError, search.SearchError, models.WeightsError)
+    known = (data.DataError, spaces.SpaceError, tracking.StoreError, search.SearchError, models.WeightsError,
+             registry.RegistryError)
     try:
         return args.func(args) or 0
     except search.SearchInterrupted as stop:
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except known as err:
         print(f"covidsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     runs.add_argument("--search", help="search run id")
     _store_options(runs)
     runs.set_defaults(func=cmd_runs)
+
+    _registry_commands(sub)
 
     ui = sub.add_parser("ui", help="MLflow UI on the same store, on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -80,6 +86,7 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials-per-worker", type=int, default=1,
                    help="trials per worker process before it is replaced (1 = each trial in a fresh process)")
     p.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_const", const="required", dest="resume", default="auto",
                         help="continue the unfinished search with these settings (the default when there is one)")
@@ -89,7 +96,7 @@ def _search_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import search
+    from . import progress, search
 
     sets = list(args.sets) + ([f"weights={args.weights}"] if args.weights else [])
     opts = search.Options(
@@ -98,24 +105,98 @@ def cmd_run(args: argparse.Namespace) -> int:
         test_per_class=args.test_per_class, test_data=args.test_data, dedupe=args.dedupe, baseline=args.baseline,
         tracking_uri=args.tracking_uri, experiment=args.experiment, project_dir=args.project_dir,
         cache_dir=args.cache_dir, precision=args.precision, resume=args.resume,
-        max_consecutive_failed_trials=args.max_failures, trials_per_worker=args.trials_per_worker)
+        max_consecutive_failed_trials=args.max_failures, trials_per_worker=args.trials_per_worker,
+        progress=progress.mode_for(sys.stderr, args.quiet))
     result = search.run(opts)
     _print_leaderboard(args, result.search_run_id)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo, search
+    from . import demo, progress, search
 
-    root = demo.make_dataset(args.dir, per_class=60, size=64)
+    root = demo.make_dataset(args.dir, per_class=80, size=64)
     print(f"wrote SYNTHETIC images (not real X-rays) to {root}/; get the real database from "
           "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database")
-    opts = search.Options(data=str(root), space="vanilla", tuner="random", max_trials=2, max_epochs=3,
+    opts = search.Options(data=str(root), space="vanilla", tuner="random", max_trials=2, max_epochs=4,
                           test_per_class=10, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                          resume="never")
+                          resume="never", progress=progress.mode_for(sys.stderr, False))
     result = search.run(opts)
     _print_leaderboard(args, result.search_run_id)
     print("\nopen the MLflow UI on this store:  covidsearch ui   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def _registry_commands(sub: argparse._SubParsersAction) -> None:
+    """promote, evaluate and predict: the model registry and what comes after a search."""
+    from .registry import DEFAULT_ALIAS, DEFAULT_NAME
+
+    promote = sub.add_parser(
+        "promote", help="register a trial's model and point an alias at it (undo: promote --version N)",
+        description="Register the model of a FINISHED trial as a version of NAME (once per run: promoting the same "
+                    "run again adds no version) and point ALIAS at it. The version is tagged with the trial's test "
+                    "metrics, hyperparameters (hp.*), search_run_id, data_fingerprint and classes. UNDO: the version "
+                    "that held the alias is tagged ALIAS.demoted_at and ALIAS.replaced_by, the new holder "
+                    "ALIAS.previous_version; `covidsearch promote --version N` moves the alias back to version N "
+                    "(every promote prints that command).")
+    promote.add_argument("run_id", nargs="?", metavar="RUN_ID", help="a FINISHED trial run (see `covidsearch runs`)")
+    promote.add_argument("--version", help="instead of RUN_ID: point the alias at this existing version (undo)")
+    promote.add_argument("--name", default=DEFAULT_NAME, help="registered model name (default %(default)s)")
+    promote.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to move (default %(default)s)")
+    promote.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
+                         help="refuse unless the test metric meets the bound, e.g. test_sensitivity_covid_19>=0.95 "
+                              "(>= or <=; repeatable)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns)")
+    promote.set_defaults(func=cmd_promote)
+
+    models_help = "a trial run id, models:/NAME@ALIAS, models:/NAME/VERSION or a .keras file"
+    evaluate = sub.add_parser("evaluate", help="a model's metrics on every image of a dataset folder")
+    evaluate.add_argument("model", metavar="MODEL", help=models_help)
+    evaluate.add_argument("--data", required=True, help="dataset root (tutorial or Kaggle layout)")
+    evaluate.add_argument("--log", action="store_true",
+                          help="record an evaluation run whose metrics MLflow links to the model's LoggedModel")
+    _store_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predicted class and class probabilities for images")
+    predict.add_argument("model", metavar="MODEL", help=models_help)
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    predict.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    predict.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns)")
+    predict.set_defaults(func=cmd_predict)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from . import registry
+
+    if (args.run_id is None) == (args.version is None):
+        raise registry.RegistryError("promote takes a trial RUN_ID or --version N, not both or neither")
+    client = registry.connect(args.tracking_uri)
+    if args.version:
+        done = registry.promote_version(client, args.version, args.name, args.alias, args.require)
+    else:
+        done = registry.promote(client, args.run_id, args.name, args.alias, args.require)
+    print(done.summary())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import registry, tracking
+
+    loaded = registry.load(args.model, args.tracking_uri)
+    result = registry.evaluate(loaded, args.data)
+    print(registry.format_evaluation(loaded, result))
+    if args.log:
+        client, experiment_id = tracking.connect(args.tracking_uri, args.experiment)
+        print(f"\nlogged as run {registry.log_evaluation(client, experiment_id, loaded, result)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import registry
+
+    loaded = registry.load(args.model, args.tracking_uri)
+    print(registry.format_predictions(registry.predict(loaded, args.paths), args.format))
     return 0
 
 

@@ -23,11 +23,11 @@ def synthetic_xray(kind: str, size: int, rng: np.random.Generator) -> np.ndarray
         lung = ((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1
         img[lung] -= 0.45
     if kind == "COVID-19":
-        for _ in range(rng.integers(3, 6)):
-            cx, cy = rng.choice([0.22, 0.78]) + 0.05 * rng.standard_normal(), 0.62 + 0.1 * rng.standard_normal()
-            img += 0.35 * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / 0.003))
+        for _ in range(rng.integers(4, 7)):
+            cx, cy = rng.choice([0.25, 0.75]) + 0.04 * rng.standard_normal(), 0.62 + 0.08 * rng.standard_normal()
+            img += 0.6 * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / 0.004))
     elif kind == "Viral Pneumonia":
-        img += 0.2 * np.exp(-(((yy - 0.55) ** 2) / 0.05)) + 0.04 * rng.standard_normal((size, size))
+        img += 0.35 * np.exp(-(((yy - 0.5) ** 2) / 0.04)) + 0.08 * rng.standard_normal((size, size))
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 

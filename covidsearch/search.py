@@ -6,27 +6,30 @@ it as a child run of the search's parent run.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any
 
 import keras
 import keras_tuner as kt
+from keras_tuner.src import config as kt_config
 from keras_tuner.src.engine import base_tuner
 
 from . import data, models, spaces, tracking, trial
+from .progress import Progress
 
 TUNERS = ("hyperband", "random", "bayesian")
+kt_config.DEBUG = False  # failed trials are reported once, by covidsearch, not as tracebacks
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Options:
     resume: str = "auto"  # auto: continue an unfinished identical search; never; required
     max_consecutive_failed_trials: int = 3
     trials_per_worker: int = 1
+    progress: str = "plain"  # tty, plain or off (see progress.mode_for)
 
 
 @dataclass
@@ -133,26 +137,70 @@ def _maximise(objective: str) -> bool:
 
 
 class Workers:
-    """Runs each trial in a spawned worker process, replaced after `trials_per_worker` trials."""
+    """Runs each trial in a spawned worker process; the next worker starts (and imports Keras)
+    while the current trial trains, so a fresh process per trial costs no waiting."""
 
     def __init__(self, trials_per_worker: int = 1):
         self.trials_per_worker = trials_per_worker
-        self._pool: ProcessPoolExecutor | None = None
+        self._context = multiprocessing.get_context("spawn")
+        self._current: tuple[Any, Any] | None = None  # (process, connection) with trials left
+        self._left = 0
+        self._standby: tuple[Any, Any] | None = None
+
+    def _spawn(self) -> tuple[Any, Any]:
+        """Start a worker that ignores Ctrl-C: the search process decides what an interrupt ends."""
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(target=trial.serve, args=(child_end, self.trials_per_worker))
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        child_end.close()
+        return process, parent_end
 
     def run(self, spec: trial.Spec, plan: trial.Plan) -> dict[str, float]:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             max_tasks_per_child=self.trials_per_worker)
+        """Run one trial in a worker; a worker that dies becomes a failed trial, not a failed search."""
+        if self._current is None or self._left == 0:
+            self._retire()
+            self._current, self._left = self._standby or self._spawn(), self.trials_per_worker
+            self._standby = self._spawn()
+        process, conn = self._current
+        self._left -= 1
         try:
-            return self._pool.submit(trial.run, spec, plan).result()
-        except BrokenProcessPool:
-            self._pool = None
-            raise trial.TrialFailed("the worker process died (killed, or out of memory)") from None
+            conn.send((spec, plan))
+            ok, payload = conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            process.join(5)
+            self._current, self._left = None, 0
+            raise trial.TrialFailed(f"the worker process died (exit code {process.exitcode}: killed, or out of "
+                                    "memory)") from None
+        if self._left == 0:
+            self._retire()
+        if not ok:
+            raise trial.TrialFailed(payload)
+        return payload
+
+    def _retire(self) -> None:
+        if self._current is not None:
+            _stop(*self._current)
+            self._current = None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        """Stop every worker, the standby and one still training (after an interrupt) included."""
+        self._retire()
+        if self._standby is not None:
+            _stop(*self._standby)
+            self._standby = None
+
+
+def _stop(process: Any, conn: Any) -> None:
+    """Close a worker's pipe (an idle worker then exits by itself); kill it if it does not."""
+    conn.close()
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 # ---------------------------------------------------------------- tuner
@@ -163,17 +211,18 @@ class Tuner(base_tuner.BaseTuner):
 
     def __init__(self, oracle: kt.Oracle, space: spaces.Space, plan: trial.Plan, max_epochs: int,
                  client: Any, experiment_id: str, search_run_id: str, workers: Workers, directory: str,
-                 project_name: str, report: Callable[[str], None]):
+                 project_name: str, progress: Progress):
         super().__init__(oracle, hypermodel=None, directory=directory, project_name=project_name)
         self.space, self.plan, self.max_epochs = space, plan, max_epochs
         self.client, self.experiment_id, self.search_run_id = client, experiment_id, search_run_id
-        self.workers, self.report = workers, report
+        self.workers, self.progress = workers, progress
         self.baseline_values = space.defaults()
         if not self.oracle.hyperparameters.space:
             self.oracle.update_space(space.hyperparameters())
 
     def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         values = dict(kt_trial.hyperparameters.values)
+        index = int(kt_trial.trial_id) + 1
         config = self.space.config(values)
         is_baseline = {k: v for k, v in values.items() if not k.startswith("tuner/")} == self.baseline_values
         run_id = tracking.create_run(self.client, self.experiment_id, f"trial-{kt_trial.trial_id}", {
@@ -183,18 +232,21 @@ class Tuner(base_tuner.BaseTuner):
         spec = trial.Spec(kt_trial.trial_id, run_id, config, epochs=int(values.get("tuner/epochs", self.max_epochs)),
                           initial_epoch=int(values.get("tuner/initial_epoch", 0)),
                           trial_dir=self.get_trial_dir(kt_trial.trial_id),
-                          warm_start=self._warm_start(values.get("tuner/trial_id")))
+                          warm_start=self._warm_start(values.get("tuner/trial_id")),
+                          progress=self.progress.mode, label=self.progress.trial_label(index))
+        objective = self.oracle.objective.name
         started = time.perf_counter()
         try:
             result = self.workers.run(spec, self.plan)
         except trial.TrialFailed as err:
-            if not tracking.is_terminal(self.client.get_run(run_id).info.status):
+            if self.client.get_run(run_id).info.status == "RUNNING":
                 tracking.end_run(self.client, run_id, "FAILED", str(err))
-            self.report(f"trial {kt_trial.trial_id} failed: {err}")
+            self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {err}", _maximise(objective))
             raise kt.errors.FailedTrialError(str(err)) from None
         self._record_best()
-        self.report(_trial_line(kt_trial.trial_id, values, result, self.oracle.objective.name,
-                                time.perf_counter() - started, is_baseline))
+        text = (f"{objective} {result[objective]:.4f}{' (baseline)' if is_baseline else ''} in "
+                f"{time.perf_counter() - started:.0f} s: " + _shown(values))
+        self.progress.finished(index, kt_trial.trial_id, result[objective], text, _maximise(objective))
         return result
 
     def _warm_start(self, previous: str | None) -> str | None:
@@ -218,10 +270,8 @@ def _params(config: dict[str, Any]) -> list:
     return [Param(k, str(v)) for k, v in sorted(config.items())]
 
 
-def _trial_line(trial_id: str, values: dict, result: dict, objective: str, seconds: float, baseline: bool) -> str:
-    shown = ", ".join(f"{k}={v}" for k, v in values.items() if not k.startswith("tuner/"))
-    tag = " [baseline]" if baseline else ""
-    return f"trial {trial_id}{tag}: {objective}={result.get(objective, float('nan')):.4f} ({seconds:.0f} s) {shown}"
+def _shown(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items() if not k.startswith("tuner/"))
 
 
 # ---------------------------------------------------------------- the search
@@ -235,7 +285,7 @@ class SearchInterrupted(KeyboardInterrupt):
         self.command = command
 
 
-def run(opts: Options, report: Callable[[str], None] = print) -> Result:
+def run(opts: Options) -> Result:
     """Run (or resume) a search and return where its results are."""
     space = spaces.load(opts.space).pin(opts.sets)
     tuner_name = opts.tuner or space.search.get("tuner", "hyperband")
@@ -257,7 +307,8 @@ def run(opts: Options, report: Callable[[str], None] = print) -> Result:
     parts = data.split(dataset, opts.seed, float(space.fixed.get("val_fraction", 0.2)), test_per_class,
                        test_dataset, opts.dedupe)
     weights = data.class_weights(dataset.labels[parts.train], len(dataset.classes))
-    report(_data_line(dataset, parts, weights))
+    progress = Progress(opts.progress, max_trials, objective)
+    progress.say(_data_line(dataset, parts, weights))
 
     settings = {"space": space.path.stem, "tuner": tuner_name, "max_trials": max_trials, "max_epochs": max_epochs,
                 "objective": objective, "objective_direction": "max" if _maximise(objective) else "min",
@@ -266,32 +317,33 @@ def run(opts: Options, report: Callable[[str], None] = print) -> Result:
                 "test_data": opts.test_data or "", "sets": " ".join(opts.sets)}
     key = _search_key(space, settings, dataset, parts)
     directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
-    project_name, state = _find_project(directory, f"{space.path.stem}-{key}", opts.resume)
+    project_name, state, lock = _claim_project(directory, f"{space.path.stem}-{key}", opts.resume)
     if state:
         search_run_id = state["search_run_id"]
         tracking.get_run(client, search_run_id)
         client.update_run(search_run_id, "RUNNING")
         for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
-            report(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
-        report(f"resuming search {search_run_id}")
+            progress.say(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
+        progress.say(f"resuming search {search_run_id}")
     else:
         search_run_id = tracking.create_run(client, experiment_id, f"search-{space.path.stem}",
                                             {"covidsearch_kind": "search", **_provenance()})
         _log_search(client, search_run_id, space, settings, dataset, parts, weights)
         _write_state(directory / project_name, search_run_id, "running")
-    report(f"search run {search_run_id} in {uri}")
+    progress.say(f"search run {search_run_id} in {uri}")
 
     plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, objective, opts.seed, opts.precision)
     oracle = make_oracle(tuner_name, objective, max_trials, max_epochs, opts.seed, opts.baseline,
                          opts.max_consecutive_failed_trials)
     workers = Workers(opts.trials_per_worker)
     tuner = Tuner(oracle, space, plan, max_epochs, client, experiment_id, search_run_id, workers, str(directory),
-                  project_name, report)
+                  project_name, progress)
     tuner.oracle.max_trials = max_trials
     tuner.save()
     try:
         tuner.search(verbose=0)
     except KeyboardInterrupt:
+        workers.close()
         tracking.close_orphans(client, experiment_id, search_run_id)
         tracking.end_run(client, search_run_id, "KILLED", "interrupted by the user")
         raise SearchInterrupted(" ".join(["covidsearch", *sys.argv[1:]]) + " --resume") from None
@@ -305,6 +357,7 @@ def run(opts: Options, report: Callable[[str], None] = print) -> Result:
                           f"last error: {str(err).splitlines()[-1]}") from None
     finally:
         workers.close()
+        lock.close()
     client.set_terminated(search_run_id, "FINISHED")
     _write_state(directory / project_name, search_run_id, "finished")
     best = client.get_run(search_run_id).data
@@ -345,18 +398,42 @@ def _search_key(space: spaces.Space, settings: dict, dataset: data.Dataset, part
     return h.hexdigest()[:10]
 
 
-def _find_project(directory: Path, prefix: str, resume: str) -> tuple[str, dict | None]:
-    """The unfinished search with this key to resume, or the name for a new one."""
-    existing = sorted((p for p in directory.glob(f"{prefix}*") if (p / "covidsearch.json").exists()),
+def _claim_project(directory: Path, prefix: str, resume: str) -> tuple[str, dict | None, IO]:
+    """The unfinished search with this key to resume, or a new one; locked while this process runs it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted((p for p in directory.glob(f"{prefix}-*") if (p / "covidsearch.json").exists()),
                       key=lambda p: p.stat().st_mtime)
     if resume != "never":
         for path in reversed(existing):
             state = json.loads((path / "covidsearch.json").read_text())
-            if state["status"] == "running":
-                return path.name, state
+            lock = _try_lock(path)
+            if state["status"] == "running" and lock is not None:
+                return path.name, state, lock
+            if lock is not None:
+                lock.close()
     if resume == "required":
-        raise SearchError("nothing to resume: no unfinished search with these settings in this store")
-    return f"{prefix}-{len(existing) + 1}", None
+        raise SearchError("nothing to resume: no unfinished (and not running) search with these settings here")
+    number = 1 + max((int(p.name.rsplit("-", 1)[1]) for p in directory.glob(f"{prefix}-*")
+                      if p.name.rsplit("-", 1)[1].isdigit()), default=0)
+    while True:  # another process may take a number at the same moment
+        path = directory / f"{prefix}-{number}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            number += 1
+            continue
+        return path.name, None, _try_lock(path)
+
+
+def _try_lock(path: Path) -> IO | None:
+    """An exclusive lock on a search's project dir; None when another live process holds it."""
+    handle = open(path / "lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def _write_state(path: Path, search_run_id: str, status: str) -> None:

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "covidsearch"
 STORE_DIR = Path("mlruns")
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
 class StoreError(RuntimeError):
@@ -137,9 +135,3 @@ def leaderboard(client: MlflowClient, experiment_id: str, search_id: str) -> lis
     rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0.0)))
     return rows
 
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL
-
-
-__all__ = ["RunStatus"]

@@ -5,7 +5,12 @@ leaked framework memory ends with that process and never reaches the search.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import resource
+import signal
+import sys
 import time
 import traceback
 from importlib.metadata import version
@@ -19,7 +24,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
-from . import data, metrics, models
+from . import data, metrics, models, progress
 
 
 @dataclass
@@ -47,10 +52,34 @@ class Spec:
     initial_epoch: int
     trial_dir: str
     warm_start: str | None = None  # best weights of the Hyperband round this trial continues
+    progress: str = "off"  # how epochs are shown: tty, plain or off
+    label: str = ""  # "trial i/N", for the epoch line
 
 
 class TrialFailed(RuntimeError):
     """The trial could not produce a usable model (NaN loss, bad configuration, ...)."""
+
+
+def serve(conn: Any, trials: int) -> None:
+    """Worker process main loop: run up to `trials` trials sent over the pipe, reply (ok, result)."""
+    _die_with_parent()
+    for _ in range(trials):
+        try:
+            spec, plan = conn.recv()
+        except EOFError:  # the search ended or retired this worker before using it
+            return
+        try:
+            conn.send((True, run(spec, plan)))
+        except TrialFailed as err:
+            conn.send((False, str(err)))
+
+
+def _die_with_parent() -> None:
+    """On Linux, a worker whose search process is killed (kill -9) is killed too, never orphaned."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def run(spec: Spec, plan: Plan) -> dict[str, float]:
@@ -67,7 +96,7 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
             model = _build(spec, len(classes))
             weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
             validation = ValidationMetrics(x_val, y_val, classes, int(spec.config["batch_size"]))
-            logger = EpochLogger(client, spec.run_id)
+            logger = EpochLogger(client, spec)
             history = model.fit(
                 x_train, keras.utils.to_categorical(y_train, len(classes)),
                 batch_size=int(spec.config["batch_size"]), epochs=spec.epochs, initial_epoch=spec.initial_epoch,
@@ -92,12 +121,9 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
             _log_model(model, x_test[:2], test_probs[:2], spec)
             mlflow.log_metrics({"epochs_trained": len(losses) + spec.initial_epoch,
                                 "trial_seconds": time.perf_counter() - started,
+                                "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                 **{f"best_{k}": v for k, v in best.items()}})
             return best
-        except KeyboardInterrupt:
-            client.set_tag(spec.run_id, "error", "interrupted by the user")
-            mlflow.end_run("KILLED")
-            raise
         except Exception as err:
             client.set_tag(spec.run_id, "error", f"{type(err).__name__}: {err}"[:4900])
             client.set_tag(spec.run_id, "mlflow.note.content", f"```\n{traceback.format_exc()[-20000:]}\n```")
@@ -189,13 +215,14 @@ class ValidationMetrics(keras.callbacks.Callback):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch train and validation metrics to the trial's MLflow run."""
+    """Per-epoch train and validation metrics to the trial's MLflow run and the progress display."""
 
-    def __init__(self, client: Any, run_id: str):
+    def __init__(self, client: Any, spec: Spec):
         super().__init__()
-        self.client, self.run_id = client, run_id
+        self.client, self.spec = client, spec
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         values = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
-        self.client.log_batch(self.run_id, metrics=_metric_list(values, step=epoch))
+        self.client.log_batch(self.spec.run_id, metrics=_metric_list(values, step=epoch))
+        progress.epoch_line(self.spec.progress, self.spec.label, epoch, self.spec.epochs, values)
 

@@ -1,0 +1,67 @@
+"""What a user watches during `run`: trial i of N, epoch, best so far, elapsed and remaining.
+
+On a terminal the epoch line updates in place; otherwise every line is plain (logs, CI);
+`--quiet` shows nothing but errors and the final leaderboard.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import TextIO
+
+
+def mode_for(stream: TextIO, quiet: bool) -> str:
+    """'off' when quiet, 'tty' on a terminal, else 'plain'."""
+    if quiet:
+        return "off"
+    return "tty" if stream.isatty() else "plain"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Search-level progress in the parent process."""
+
+    def __init__(self, mode: str, total: int, objective: str, stream: TextIO = sys.stderr):
+        self.mode, self.total, self.objective, self.stream = mode, total, objective, stream
+        self.started = time.monotonic()
+        self.done = 0
+        self.best: float | None = None
+
+    def say(self, text: str) -> None:
+        """A permanent line (data summary, trial results, warnings)."""
+        if self.mode != "off":
+            print(("\r\033[K" if self.mode == "tty" else "") + text, file=self.stream, flush=True)
+
+    def trial_label(self, index: int) -> str:
+        return f"trial {index}/{self.total}"
+
+    def finished(self, index: int, trial_id: str, value: float | None, text: str, maximise: bool) -> None:
+        """Record a finished (or failed) trial and print its line with best-so-far and time left."""
+        self.done = index
+        if value is not None and math.isfinite(value):
+            better = self.best is None or (value > self.best if maximise else value < self.best)
+            self.best = value if better else self.best
+        elapsed = time.monotonic() - self.started
+        left = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        self.say(f"{self.trial_label(index)} [{trial_id}] {text} | best {self.objective} {best} | "
+                 f"elapsed {_clock(elapsed)}, ~{_clock(left)} left")
+
+
+def epoch_line(mode: str, label: str, epoch: int, epochs: int, logs: dict, stream: TextIO = sys.stderr) -> None:
+    """One epoch's figures, written by the worker process running the trial."""
+    if mode == "off":
+        return
+    shown = " ".join(f"{k} {logs[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy",
+                                                    "val_sensitivity_covid_19") if k in logs)
+    text = f"{label} epoch {epoch + 1}/{epochs}: {shown}"
+    if mode == "tty":
+        print(f"\r\033[K{text}", end="", file=stream, flush=True)
+    else:
+        print(text, file=stream, flush=True)
