@@ -195,8 +195,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import registry
 
+    files = registry.image_paths(args.paths)  # a mistyped path fails before the model loads
     loaded = registry.load(args.model, args.tracking_uri)
-    print(registry.format_predictions(registry.predict(loaded, args.paths), args.format))
+    print(registry.format_predictions(registry.predict(loaded, files), args.format))
     return 0
 
 

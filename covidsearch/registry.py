@@ -14,6 +14,8 @@ the model itself and the class names from the version's `classes` tag (or the tr
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
@@ -37,7 +39,7 @@ DEFAULT_NAME, DEFAULT_ALIAS = "covid-cxr", "champion"
 MODEL_NAME = "model"  # the name trial.py logs each trial's model under
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 EIGHT = ("loss", "accuracy", "tp", "fp", "tn", "fn", "precision", "recall")
-GATE = re.compile(r"^\s*([\w.\-/]+)\s*(>=|<=)\s*(\S+)\s*$")
+GATE = re.compile(r"\s*([\w.\-/]+)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
 
 
 class RegistryError(ValueError):
@@ -68,6 +70,12 @@ class Trial:
     def test_metrics(self) -> dict[str, float]:
         return {k: v for k, v in self.run.data.metrics.items() if k.startswith("test_")}
 
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Trials carry no class list: their search run's `classes` param does."""
+        classes = self.search.data.params.get("classes") if self.search else None
+        return tuple(classes.split("|")) if classes else None
+
     def version_tags(self) -> dict[str, str]:
         """Why this version was chosen, readable without the tracking runs: metrics, settings, data, classes."""
         tags = {"trial_run_id": self.run.info.run_id, "model_id": self.model_id,
@@ -77,7 +85,7 @@ class Trial:
             found = self.search.data
             tags["search_run_id"] = self.search.info.run_id
             tags.update({k: v for k, v in (("data_fingerprint", found.tags.get("data_fingerprint")),
-                                           ("classes", found.params.get("classes"))) if v})
+                                           ("classes", "|".join(self.classes or ()))) if v})
         return tags
 
 
@@ -98,6 +106,7 @@ def _logged_model_id(client: MlflowClient, run: Any) -> str | None:
 
 
 def _parent(client: MlflowClient, run: Any) -> Any | None:
+    """The search run a trial is nested under: it holds the class list and the data fingerprint."""
     parent_id = run.data.tags.get("mlflow.parentRunId")
     return _run(client, parent_id) if parent_id else None
 
@@ -108,10 +117,10 @@ def finished_trial(client: MlflowClient, run_id: str) -> Trial:
     kind = run.data.tags.get("covidsearch_kind")
     if kind != "trial":
         raise RegistryError(f"run {run_id} is {'a ' + kind if kind else 'not a covidsearch'} run, not a trial: "
-                            "promote one of the trials listed by `covidsearch runs`")
+                            "pick one of the trials listed by `covidsearch runs`")
     if run.info.status != "FINISHED":
         error = run.data.tags.get("error", "").splitlines()
-        raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: only a finished trial can be promoted"
+        raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: only a finished trial's model can be used"
                             + (f" (its error: {error[0][:200]})" if error else ""))
     model_id = _logged_model_id(client, run)
     if model_id is None:
@@ -126,12 +135,11 @@ def check_gates(values: dict[str, float], require: Sequence[str], what: str) -> 
     """Refuse a model that misses any METRIC>=VALUE or METRIC<=VALUE bound, naming every miss."""
     misses = []
     for text in require:
-        match = GATE.match(text)
-        try:
-            name, op, bound = match.group(1), match.group(2), float(match.group(3))
-        except (AttributeError, ValueError):
+        match = GATE.fullmatch(text)
+        if match is None:
             raise RegistryError(f"--require {text!r}: write METRIC>=VALUE or METRIC<=VALUE, "
-                                "e.g. test_sensitivity_covid_19>=0.95") from None
+                                "e.g. test_sensitivity_covid_19>=0.95")
+        name, op, bound = match[1], match[2], float(match[3])
         if name not in values:
             raise RegistryError(f"{what} has no metric {name!r} for --require; it has: {', '.join(sorted(values))}")
         value = values[name]
@@ -213,11 +221,18 @@ def _registered(client: MlflowClient, name: str) -> Any | None:
         raise
 
 
-def _version(client: MlflowClient, name: str, version: str) -> Any:
-    """A registered version, or a one-line error saying which part is unknown."""
-    if _registered(client, name) is None:
+def _existing(client: MlflowClient, name: str) -> Any:
+    """The registered model, or a one-line error for a name nothing was promoted to."""
+    registered = _registered(client, name)
+    if registered is None:
         raise RegistryError(f"no registered model {name!r} in {client.tracking_uri}: "
                             "promote a trial first (covidsearch promote RUN_ID)")
+    return registered
+
+
+def _version(client: MlflowClient, name: str, version: str) -> Any:
+    """A registered version, or a one-line error saying which part is unknown."""
+    _existing(client, name)
     try:
         return client.get_model_version(name, version)
     except MlflowException as err:
@@ -272,11 +287,8 @@ def locate(ref: str, tracking_uri: str | None = None) -> Source:
     client = connect(tracking_uri)
     if ref.startswith("models:/"):
         return _registry_source(client, ref)
-    run = _run(client, ref)
-    model_id = _logged_model_id(client, run)
-    if model_id is None:
-        raise RegistryError(f"run {ref} has no logged model named {MODEL_NAME!r} (status {run.info.status})")
-    return Source(f"models:/{model_id}", f"run {ref}", _search_classes(client, run), model_id, ref)
+    trial = finished_trial(client, ref)  # what may be promoted is what may be used
+    return Source(f"models:/{trial.model_id}", f"run {ref}", trial.classes, trial.model_id, ref)
 
 
 def _registry_source(client: MlflowClient, ref: str) -> Source:
@@ -286,28 +298,17 @@ def _registry_source(client: MlflowClient, ref: str) -> Source:
         raise RegistryError(f"model URI {ref!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias, number = match.groups()
     if alias:
-        registered = _registered(client, name)
-        if registered is None:
-            raise RegistryError(f"no registered model {name!r} in {client.tracking_uri}: "
-                                "promote a trial first (covidsearch promote RUN_ID)")
+        registered = _existing(client, name)
         if alias not in registered.aliases:
             known = ", ".join(sorted(registered.aliases)) or "none"
             raise RegistryError(f"registered model {name!r} has no alias {alias!r} (its aliases: {known})")
         number = str(registered.aliases[alias])
     found = _version(client, name, number)
-    classes = found.tags.get("classes")
-    if not classes and found.run_id:
-        classes = "|".join(_search_classes(client, _run(client, found.run_id)) or ())
-    model_id = found.source[len("models:/"):] if found.source.startswith("models:/m-") else found.model_id
+    classes = found.tags.get("classes")  # set by promote; a version registered elsewhere falls back in load()
+    logged = found.source.removeprefix("models:/") if found.source.startswith("models:/m-") else None
+    model_id = found.model_id or logged
     return Source(f"models:/{name}/{number}", f"{name} version {number}", tuple(classes.split("|")) if classes else None,
                   model_id, found.run_id, name, number)
-
-
-def _search_classes(client: MlflowClient, run: Any) -> tuple[str, ...] | None:
-    """Trials carry no class list: their search run's `classes` param does."""
-    parent = _parent(client, run)
-    classes = parent.data.params.get("classes") if parent else None
-    return tuple(classes.split("|")) if classes else None
 
 
 @dataclass
@@ -395,9 +396,8 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def predict(loaded: Loaded, paths: Sequence[str]) -> list[Prediction]:
-    """Predictions for image files and folders; every image is read before any is predicted."""
-    files = image_paths(paths)
+def predict(loaded: Loaded, files: Sequence[Path]) -> list[Prediction]:
+    """Predictions for image files (see image_paths); every image is read before any is predicted."""
     probs = probabilities(loaded, files)
     return [Prediction(str(f), loaded.classes[int(p.argmax())], {c: float(v) for c, v in zip(loaded.classes, p)})
             for f, p in zip(files, probs)]
@@ -412,9 +412,6 @@ def format_predictions(predictions: Sequence[Prediction], fmt: str = "table") ->
     rows += [[p.image, p.predicted, *(f"{v:.6f}" if fmt == "csv" else f"{v:.4f}" for v in p.probabilities.values())]
              for p in predictions]
     if fmt == "csv":
-        import csv
-        import io
-
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows)
         return buffer.getvalue().rstrip("\n")

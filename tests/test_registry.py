@@ -112,6 +112,8 @@ def test_require_refuses_a_trial_that_misses_a_bound_and_changes_nothing(store, 
 
     unknown = covidsearch(capsys, "promote", store.other, "--require", "test_f2>=0.5", "--tracking-uri", store.uri)
     assert unknown.returncode == 2 and "has no metric 'test_f2'" in unknown.stderr
+    garbled = covidsearch(capsys, "promote", store.other, "--require", "test_accuracy>high", "--tracking-uri", store.uri)
+    assert garbled.returncode == 2 and "write METRIC>=VALUE or METRIC<=VALUE" in garbled.stderr
     passed = covidsearch(capsys, "promote", store.best, "--require", "test_accuracy>=0", "--tracking-uri", store.uri)
     assert passed.returncode == 0 and registry_state(store.client) == before
 
@@ -132,7 +134,7 @@ def test_promote_refuses_what_is_not_a_finished_trial_with_a_model(store, champi
     cases = {
         "0123456789abcdef0123456789abcdef": "unknown run id '0123456789abcdef0123456789abcdef'",
         store.search.info.run_id: "is a search run, not a trial",
-        broken_trials.failed: "is FAILED, not FINISHED: only a finished trial can be promoted "
+        broken_trials.failed: "is FAILED, not FINISHED: only a finished trial's model can be used "
                               "(its error: TrialFailed: training loss became NaN)",
         broken_trials.no_model: "has no logged model named 'model'",
     }
@@ -210,7 +212,7 @@ def test_a_bare_keras_file_needs_three_outputs_for_the_default_classes(tmp_path)
         registry.load(str(tmp_path / "two.keras"))
 
 
-def test_evaluate_and_predict_name_what_they_cannot_find_or_read(store, champion, tmp_path, capsys):
+def test_evaluate_and_predict_name_what_they_cannot_find_or_read(store, champion, broken_trials, tmp_path, capsys):
     garbage = tmp_path / "scan.png"
     garbage.write_bytes(b"not a png")
     cases = [
@@ -219,6 +221,9 @@ def test_evaluate_and_predict_name_what_they_cannot_find_or_read(store, champion
                                                               "(its aliases: champion)"),
         (["evaluate", "models:/covid-cxr/99", "--data", str(tmp_path)], "registered model 'covid-cxr' has no version 99"),
         (["predict", "0123456789abcdef0123456789abcdef", str(garbage)], "unknown run id"),
+        (["predict", broken_trials.failed, str(garbage)], "is FAILED, not FINISHED"),
+        (["predict", broken_trials.no_model, str(garbage)], "has no logged model"),
+        (["predict", "models:/covid-cxr@champion", str(tmp_path / "typo.png")], "no such image or folder"),
         (["predict", "models:/covid-cxr@champion", str(garbage)], f"cannot read image {garbage}"),
         (["predict", str(tmp_path / "missing.keras"), str(garbage)], "model file not found"),
     ]
@@ -230,11 +235,12 @@ def test_evaluate_and_predict_name_what_they_cannot_find_or_read(store, champion
     assert registry_state(store.client) == before
 
 
-def test_a_refused_command_in_a_fresh_process_is_one_line_and_exit_2(store, tmp_path, monkeypatch):
+def test_a_refused_command_in_a_fresh_process_is_one_line_and_exit_2(store, xray_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri in this process exports it
     result = cli("promote", "0123456789abcdef0123456789abcdef", "--tracking-uri", store.uri, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("covidsearch: error: unknown run id")
-    missing_store = cli("predict", "models:/covid-cxr@champion", "x.png", cwd=tmp_path)
+    image = str(xray_dir / "NORMAL" / "NORMAL-0.png")
+    missing_store = cli("predict", "models:/covid-cxr@champion", image, cwd=tmp_path)
     assert missing_store.returncode == 2 and "no MLflow store at" in missing_store.stderr
     assert not (Path(tmp_path) / "mlruns").exists()  # looking for a model creates no store
