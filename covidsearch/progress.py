@@ -38,6 +38,10 @@ class Progress:
         if self.mode != "off":
             print(("\r\033[K" if self.mode == "tty" else "") + text, file=self.stream, flush=True)
 
+    def notice(self, text: str) -> None:
+        """A line shown even with --quiet: something the user must know (a resume, a lost trial)."""
+        print(("\r\033[K" if self.mode == "tty" else "") + text, file=self.stream, flush=True)
+
     def trial_label(self, index: int) -> str:
         return f"trial {index}/{self.total}"
 

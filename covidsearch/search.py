@@ -323,8 +323,8 @@ def run(opts: Options) -> Result:
         tracking.get_run(client, search_run_id)
         client.update_run(search_run_id, "RUNNING")
         for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
-            progress.say(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
-        progress.say(f"resuming search {search_run_id}")
+            progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
+        progress.notice(f"resuming search {search_run_id}")
     else:
         search_run_id = tracking.create_run(client, experiment_id, f"search-{space.path.stem}",
                                             {"covidsearch_kind": "search", **_provenance()})

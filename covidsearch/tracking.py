@@ -5,6 +5,7 @@ refuses the old file store); --tracking-uri or MLFLOW_TRACKING_URI point elsewhe
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 from pathlib import Path
@@ -36,11 +37,18 @@ def connect(tracking_uri: str | None = None, experiment: str | None = None,
             create: bool = True) -> tuple[MlflowClient, str]:
     """Point MLflow at the store and return a client and the experiment id."""
     uri = store_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        _check_writable_sqlite(Path(uri[len("sqlite:///"):]))
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    name = experiment or DEFAULT_EXPERIMENT
+    if not uri.startswith("sqlite:///"):
+        return _experiment(MlflowClient(uri), uri, experiment or DEFAULT_EXPERIMENT, create)
+    db = Path(uri[len("sqlite:///"):])
+    _check_writable_sqlite(db)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process creates the tables and the experiment; others wait
+        return _experiment(MlflowClient(uri), uri, experiment or DEFAULT_EXPERIMENT, create)
+
+
+def _experiment(client: MlflowClient, uri: str, name: str, create: bool) -> tuple[MlflowClient, str]:
+    """The experiment's id, created with artifacts under mlruns/ when the store is the default one."""
     try:
         found = client.get_experiment_by_name(name)
         if found is not None:
