@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
