@@ -41,6 +41,7 @@ NEAR_DUPLICATE_BITS = 8
 SPLITS = ("train", "val", "test")
 T = TypeVar("T")
 R = TypeVar("R")
+Size = tuple[int, str]  # (input size in pixels, colour mode): what the pixel cache is kept per
 
 
 class DataError(ValueError):
@@ -144,20 +145,22 @@ def _class_names(classes: Iterable[str] | None) -> list[str]:
     return names
 
 
-def _check_file(path: str) -> tuple[str | None, str]:
-    """Decode a file fully once; return (sha256, dhash) or (None, why it cannot be used)."""
+def _check_file(path: str, sizes: tuple[Size, ...] = ()) -> tuple[str | None, str, list[np.ndarray]]:
+    """Decode a file fully once; return (sha256, dhash, its pixels at each of `sizes`)
+    or (None, why it cannot be used, [])."""
     data = Path(path).read_bytes()
     if not data:
-        return None, "empty file"
+        return None, "empty file", []
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             gray = to_mode(im, "grayscale")
+            pixels = [_pixels(im, size, color_mode) for size, color_mode in sizes]
     except UnidentifiedImageError:
-        return None, "not an image"
+        return None, "not an image", []
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return None, f"unreadable image: {err}".splitlines()[0]
-    return hashlib.sha256(data).hexdigest(), _dhash(gray)
+        return None, f"unreadable image: {err}".splitlines()[0], []
+    return hashlib.sha256(data).hexdigest(), _dhash(gray), pixels
 
 
 def _dhash(gray: Image.Image) -> str:
@@ -186,22 +189,34 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _checked(files: list[Path], cache_dir: Path | None, workers: int | None) -> dict[Path, tuple[str | None, str]]:
-    """Check results per file; files seen before (same path, size and mtime) are not read again."""
+def _checked(files: list[Path], cache_dir: Path | None, workers: int | None,
+             sizes: tuple[Size, ...]) -> dict[Path, tuple[str | None, str]]:
+    """Check results per file; files seen before (same path, size and mtime) are not read again,
+    and the decode that checks a new file also fills the pixel cache for `sizes`."""
     index = cache_dir / "scan.json" if cache_dir else None
     known = json.loads(index.read_text()) if index and index.exists() else {}
     keys = {p: _file_key(p) for p in files}
     todo = [p for p in files if keys[p] not in known]
-    for p, result in zip(todo, _parallel(_check_file, [str(p) for p in todo], workers)):
-        known[keys[p]] = result
+    results = _parallel(lambda p: _check_file(str(p), sizes if cache_dir else ()), todo, workers)
+    for p, (sha, extra, _) in zip(todo, results):
+        known[keys[p]] = (sha, extra)
+    readable = [r for r in results if r[0] is not None]
+    if cache_dir and readable:
+        digests = [r[0] for r in readable]
+        for k, (size, color_mode) in enumerate(sizes):
+            _save_pack(_store(cache_dir, size, color_mode), digests, np.stack([r[2][k] for r in readable]))
     if index and todo:
         _atomic_write(index, lambda fh: fh.write(json.dumps(known).encode()))
     return {p: tuple(known[keys[p]]) for p in files}
 
 
 def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_dir: str | os.PathLike | None = None,
-         workers: int | None = None) -> Dataset:
-    """Find the class folders, check every file once and list the ones that cannot be used."""
+         workers: int | None = None, sizes: Iterable[Size] = ()) -> Dataset:
+    """Find the class folders, check every file once and list the ones that cannot be used.
+
+    With a cache_dir, `sizes` such as [(50, "rgb")] makes the decode that checks each new file also
+    fill the pixel cache, so the first trial's arrays() decodes nothing.
+    """
     root_path = Path(root).expanduser().absolute()
     if not root_path.is_dir():
         raise DataError(f"data directory not found: {root_path}")
@@ -215,7 +230,7 @@ def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_di
         layouts.add(layout)
     files = {name: sorted(p for p in folder.iterdir() if p.is_file()) for name, folder in folders.items()}
     results = _checked([p for paths in files.values() for p in paths], Path(cache_dir) if cache_dir else None,
-                       workers)
+                       workers, tuple(sizes))
 
     samples, skipped = [], []
     for label, name in enumerate(names):
@@ -391,10 +406,15 @@ def to_mode(im: Image.Image, color_mode: str) -> Image.Image:
 def decode(source: str | os.PathLike | bytes, size: int, color_mode: str = "rgb") -> np.ndarray:
     """One image as uint8 (size, size, channels): the only place pixels are produced."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        single_band = len(im.getbands()) == 1 and im.mode != "P"
-        # A grayscale file is resized as one band and widened after: the same pixels, a third of the work.
-        small = to_mode(im, "grayscale" if single_band else color_mode).resize((size, size), Image.BILINEAR)
-        arr = np.asarray(to_mode(small, color_mode), dtype=np.uint8)
+        return _pixels(im, size, color_mode)
+
+
+def _pixels(im: Image.Image, size: int, color_mode: str) -> np.ndarray:
+    """An open image resized to uint8 (size, size, channels)."""
+    single_band = len(im.getbands()) == 1 and im.mode != "P"
+    # A grayscale file is resized as one band and widened after: the same pixels, a third of the work.
+    small = to_mode(im, "grayscale" if single_band else color_mode).resize((size, size), Image.BILINEAR)
+    arr = np.asarray(to_mode(small, color_mode), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -407,10 +427,14 @@ def channels(color_mode: str) -> int:
 # found by its contents wherever its file lives and is decoded once per size and mode, ever.
 
 
+def _store(cache_dir: str | os.PathLike, size: int, color_mode: str) -> Path:
+    return Path(cache_dir) / "pixels" / f"{size}px-{color_mode}"
+
+
 def arrays(dataset: Dataset, size: int, color_mode: str, cache_dir: str | os.PathLike,
            workers: int | None = None) -> np.ndarray:
     """All images of a dataset as uint8 (n, size, size, channels), decoded once and then read from disk."""
-    store = Path(cache_dir) / "pixels" / f"{size}px-{color_mode}"
+    store = _store(cache_dir, size, color_mode)
     store.mkdir(parents=True, exist_ok=True)
     found = _cached(store)
     if any(s.sha256 not in found for s in dataset.samples):
@@ -419,7 +443,8 @@ def arrays(dataset: Dataset, size: int, color_mode: str, cache_dir: str | os.Pat
             found = _cached(store)
             missing = list({s.sha256: s for s in dataset.samples if s.sha256 not in found}.values())
             if missing:
-                _write_pack(store, missing, size, color_mode, workers)
+                pixels = np.stack(_parallel(lambda s: decode(s.path, size, color_mode), missing, workers))
+                _save_pack(store, [s.sha256 for s in missing], pixels)
                 found = _cached(store)
     out = np.empty((len(dataset.samples), size, size, channels(color_mode)), dtype=np.uint8)
     for i, s in enumerate(dataset.samples):
@@ -437,10 +462,9 @@ def _cached(store: Path) -> dict[str, np.ndarray]:
     return found
 
 
-def _write_pack(store: Path, samples: list[Sample], size: int, color_mode: str, workers: int | None) -> None:
-    """Decode the images not cached yet, each once, into a new pack."""
-    pixels = np.stack(_parallel(lambda s: decode(s.path, size, color_mode), samples, workers))
-    digests = b"".join(bytes.fromhex(s.sha256) for s in samples)
-    name = hashlib.sha256(digests).hexdigest()[:24]
+def _save_pack(store: Path, digests: list[str], pixels: np.ndarray) -> None:
+    """Publish images as a pack: pixels first, then the digest index that readers look for."""
+    raw = b"".join(bytes.fromhex(d) for d in digests)
+    name = hashlib.sha256(raw).hexdigest()[:24]  # the same images give the same name: a race writes one pack
     _atomic_write(store / f"{name}.npy", lambda fh: np.save(fh, pixels))
-    _atomic_write(store / f"{name}.sha", lambda fh: fh.write(digests))
+    _atomic_write(store / f"{name}.sha", lambda fh: fh.write(raw))

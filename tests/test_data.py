@@ -154,7 +154,7 @@ def test_every_file_is_checked_once(tmp_path, monkeypatch):
     make_classes(tmp_path, 4)
     checked = []
     real_check = data._check_file
-    monkeypatch.setattr(data, "_check_file", lambda path: checked.append(path) or real_check(path))
+    monkeypatch.setattr(data, "_check_file", lambda path, *args: checked.append(path) or real_check(path, *args))
     first = data.scan(tmp_path, cache_dir=tmp_path / "cache")
     again = data.scan(tmp_path, cache_dir=tmp_path / "cache")
     assert len(checked) == 12 and again.samples == first.samples
@@ -324,6 +324,14 @@ def test_images_added_later_are_the_only_ones_decoded(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "decode", lambda *args: decoded.append(args) or real_decode(*args))
     data.arrays(data.scan(tmp_path / "data"), 24, "rgb", tmp_path / "cache")
     assert [Path(args[0]).name for args in decoded] == ["new.png"]
+
+
+def test_scan_can_fill_the_cache_with_the_same_decode_that_checks_each_file(xray_dir, tmp_path, monkeypatch):
+    dataset = data.scan(xray_dir, cache_dir=tmp_path, sizes=[(50, "rgb")])
+    monkeypatch.setattr(data, "decode", lambda *args: pytest.fail("decoded again"))
+    pixels = data.arrays(dataset, 50, "rgb", tmp_path)
+    assert pixels.shape == (120, 50, 50, 3)
+    assert pixels.dtype == np.uint8 and 30 < pixels.mean() < 225
 
 
 FILL = """
