@@ -6,6 +6,7 @@ images of its input size: `predict` never repeats preprocessing by hand.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,18 @@ def backbone_model(config: dict[str, Any]) -> keras.Model:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
+    what = f"{name}{' alpha ' + str(kwargs['alpha']) if 'alpha' in kwargs else ''}"
     try:
-        return constructor(weights=str(path), **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = constructor(weights=str(path), **kwargs)
     except (ValueError, OSError, KeyError) as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise WeightsError(f"weights file {path.name} does not fit {name}"
-                           f"{' alpha ' + str(kwargs['alpha']) if 'alpha' in kwargs else ''}: {detail}") from None
+        raise WeightsError(f"weights file {path.name} does not fit {what}: {detail}") from None
+    skipped = [w for w in caught if "Skipping" in str(w.message) or "no matching" in str(w.message)]
+    if skipped:  # Keras loads what matches and leaves the rest random: refuse rather than train on that
+        raise WeightsError(f"weights file {path.name} does not fit {what}: {len(skipped)} part(s) not found in it")
+    return model
 
 
 def imagenet_file(name: str, size: int, alpha: float) -> Path:

@@ -1,0 +1,146 @@
+"""Bad input: one clear line, a non-zero exit, no traceback, and nothing already recorded is lost."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import keras
+import pytest
+
+from covidsearch import tracking
+from covidsearch.cli import main
+
+
+@pytest.fixture
+def recorded(workdir):
+    """A store that already holds a search with one finished trial."""
+    client, experiment_id = tracking.connect()
+    search = tracking.create_run(client, experiment_id, "search-earlier", {"covidsearch_kind": "search"})
+    child = tracking.create_run(client, experiment_id, "trial-0", {"covidsearch_kind": "trial"}, parent_id=search)
+    client.log_metric(child, "test_accuracy", 0.9)
+    for run_id in (child, search):
+        client.set_terminated(run_id, "FINISHED")
+    return client, experiment_id
+
+
+def _fails_clearly(capsys, argv: list[str], *expected: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("covidsearch: error: "), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err
+    return err
+
+
+def _nothing_lost(client, experiment_id) -> None:
+    runs = client.search_runs([experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("search-earlier", "FINISHED"),
+                                                                       ("trial-0", "FINISHED")]
+    assert next(r for r in runs if r.info.run_name == "trial-0").data.metrics["test_accuracy"] == 0.9
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _space_file(tmp: Path, text: str) -> str:
+    path = tmp / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_data_directory(recorded, capsys, tmp_path):
+    _fails_clearly(capsys, ["run", "--data", str(tmp_path / "nowhere")], "data directory not found")
+    _nothing_lost(*recorded)
+
+
+def test_empty_class_folder(recorded, capsys, xray_dir, tmp_path):
+    data = _copy(xray_dir, tmp_path / "data")
+    for png in (data / "COVID-19").iterdir():
+        png.unlink()
+    _fails_clearly(capsys, ["run", "--data", str(data)], "COVID-19", "no readable image")
+    _nothing_lost(*recorded)
+
+
+def test_only_one_class(recorded, capsys, xray_dir):
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--classes", "COVID-19"], "at least two classes")
+    _nothing_lost(*recorded)
+
+
+def test_unknown_space(recorded, capsys, xray_dir):
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", "nosuch"], "unknown space 'nosuch'",
+                   "vanilla")
+    _nothing_lost(*recorded)
+
+
+def test_space_file_with_a_syntax_error(recorded, capsys, xray_dir, tmp_path):
+    space = _space_file(tmp_path, "[hyperparameters\nx = 1\n")
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", space], "not valid TOML")
+    _nothing_lost(*recorded)
+
+
+def test_space_file_with_an_unknown_hyperparameter_type(recorded, capsys, xray_dir, tmp_path):
+    space = _space_file(tmp_path, '[hyperparameters]\nwidth = { type = "gaussian", default = 3 }\n')
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", space], "unknown type 'gaussian'")
+    _nothing_lost(*recorded)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("nosuch=1", "unknown name"),
+    ("input_size=51", "not one of"),
+    ("dropout=0.9", "outside the space"),
+    ("batch_size", "expected NAME=VALUE"),
+])
+def test_set_of_an_unknown_name_or_a_value_outside_the_space(recorded, capsys, xray_dir, assignment, message):
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--set", assignment], message)
+    _nothing_lost(*recorded)
+
+
+def test_unwritable_store(capsys, xray_dir, workdir):
+    blocker = workdir / "not-a-directory"
+    blocker.write_text("")
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--tracking-uri", f"sqlite:///{blocker}/mlflow.db"],
+                   "cannot write tracking store")
+
+
+def test_unknown_run_id(recorded, capsys):
+    _fails_clearly(capsys, ["runs", "--search", "0123456789abcdef"], "unknown run id '0123456789abcdef'")
+    _nothing_lost(*recorded)
+
+
+def test_imagenet_weights_that_cannot_be_downloaded(recorded, capsys, xray_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    err = _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", "transfer"],
+                         "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", "--weights PATH")
+    assert "cannot download" in err
+    _nothing_lost(*recorded)
+
+
+def test_a_weights_file_that_does_not_fit_the_backbone(recorded, capsys, xray_dir, tmp_path):
+    wrong = tmp_path / "mobilenet-alpha-0.5.weights.h5"
+    keras.applications.MobileNet(alpha=0.5, weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(
+        wrong)
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", "transfer", "--set", "backbone=MobileNet",
+                            "--set", "alpha=0.25", "--set", "input_size=96", "--weights", str(wrong)],
+                   "does not fit MobileNet alpha 0.25")
+    _nothing_lost(*recorded)
+
+
+def test_a_weights_file_needs_a_pinned_backbone(recorded, capsys, xray_dir, tmp_path):
+    weights = tmp_path / "some.weights.h5"
+    weights.write_bytes(b"")
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", "transfer", "--weights", str(weights)],
+                   "pin it")
+    _nothing_lost(*recorded)
+
+
+def test_weights_of_another_architecture_are_refused_not_half_loaded(recorded, capsys, xray_dir, tmp_path):
+    other = tmp_path / "densenet.weights.h5"
+    keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(other)
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--space", "transfer", "--set", "backbone=MobileNet",
+                            "--set", "alpha=0.25", "--set", "input_size=96", "--weights", str(other)],
+                   "does not fit MobileNet alpha 0.25")
+    _nothing_lost(*recorded)
