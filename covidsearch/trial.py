@@ -119,6 +119,10 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
             client.log_batch(spec.run_id, metrics=_metric_list({f"test_{k}": v for k, v in test.items()}))
             mlflow.log_table(metrics.confusion_table(y_test, test_probs, classes), "confusion_matrix.json")
             _log_model(model, x_test[:2], test_probs[:2], spec)
+            from . import plots  # matplotlib only where figures are drawn
+
+            plots.log_trial_figures(model, x_test, y_test, test_probs, classes, history.history, validation.epochs,
+                                    spec.initial_epoch)
             mlflow.log_metrics({"epochs_trained": len(losses) + spec.initial_epoch,
                                 "trial_seconds": time.perf_counter() - started,
                                 "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,0 +1,299 @@
+"""Figures as PNG: one trial's confusion matrix, ROC, training curves and Grad-CAM; a search's
+hyperparameters against its objective (parallel coordinates).
+
+Figures are drawn on matplotlib's object API (no pyplot, no global state, no display), so a
+trial's worker process draws them in well under a second. Grad-CAM uses keras.ops plus one
+small gradient helper per backend, so it works the same on TensorFlow and JAX.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import matplotlib
+import mlflow
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from sklearn.metrics import auc, roc_curve
+
+from .metrics import confusion
+
+DPI = 100
+FIGURES = "figures"
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+NOT_SET = -0.1  # parallel-coordinates position of a hyperparameter a trial does not have
+
+
+def log_trial_figures(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray, test_probs: np.ndarray,
+                      classes: list[str], train_history: dict[str, list[float]],
+                      val_epochs: list[dict[str, float]], first_epoch: int = 0) -> None:
+    """Every trial's pictures under figures/ of the active MLflow run, and what they cost in seconds."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, train_history, val_epochs,
+                            first_epoch)
+        mlflow.log_artifacts(tmp, FIGURES)
+    mlflow.log_metric("figures_seconds", time.perf_counter() - started)
+
+
+def write_trial_figures(out: Path, model: keras.Model, x_test: np.ndarray, y_test: np.ndarray,
+                        test_probs: np.ndarray, classes: list[str], train_history: dict[str, list[float]],
+                        val_epochs: list[dict[str, float]], first_epoch: int = 0) -> list[Path]:
+    """The four trial figures as PNG files in `out` (callable without MLflow)."""
+    sample = gradcam_sample(y_test, test_probs)
+    heatmaps = gradcam(model, x_test[sample], test_probs[sample].argmax(1))
+    figures = {
+        "curves.png": curves_figure(train_history, val_epochs, first_epoch),
+        "confusion_matrix.png": confusion_figure(y_test, test_probs, classes),
+        "roc.png": roc_figure(y_test, test_probs, classes),
+        "gradcam.png": gradcam_figure(x_test[sample], heatmaps, y_test[sample], test_probs[sample], classes),
+    }
+    return [save(fig, out / name) for name, fig in figures.items()]
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """PNG at a fixed DPI, so artifacts of every trial compare side by side."""
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+# ---------------------------------------------------------------- metrics figures
+
+
+def confusion_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> Figure:
+    """Counts and row-normalised rates side by side: the counts show support, the rates per-class recall."""
+    matrix = confusion(np.asarray(labels, dtype=np.int64), np.asarray(probs))
+    rows = matrix.sum(1, keepdims=True)
+    rates = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    fig.suptitle("Test confusion matrix")
+    for ax, values, title, text in zip(fig.subplots(1, 2), (matrix, rates), ("counts", "row-normalised (recall)"),
+                                       (lambda v: f"{int(v)}", lambda v: f"{v:.2f}")):
+        ax.imshow(values / max(values.max(), 1e-12), cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(values):
+            dark = values[i, j] > 0.5 * values.max()
+            ax.text(j, i, text(v), ha="center", va="center", color="white" if dark else "black", fontsize=11)
+        _class_ticks(ax, classes)
+        ax.set(title=title, xlabel="predicted", ylabel="true")
+    return fig
+
+
+def _class_ticks(ax: Any, classes: list[str]) -> None:
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, classes, rotation=15)
+    ax.set_yticks(ticks, classes)
+
+
+def roc_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> Figure:
+    """One-vs-rest ROC per class with its AUC; a class without positives or negatives has no curve."""
+    labels = np.asarray(labels)
+    fig = Figure(figsize=(5.6, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
+    for i, name in enumerate(classes):
+        positive = labels == i
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, i])
+        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.set(title="Test ROC, one class vs the rest", xlabel="false positive rate", ylabel="true positive rate",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def curves_figure(train: dict[str, list[float]], val_epochs: list[dict[str, float]],
+                  first_epoch: int = 0) -> Figure:
+    """Loss and accuracy per epoch, train against validation, the kept (lowest val_loss) epoch marked."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    val_loss = [e["val_loss"] for e in val_epochs]
+    best = first_epoch + 1 + int(np.argmin(val_loss)) if val_loss else None
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for label, values in ((f"train{' (class-weighted)' if metric == 'loss' else ''}", train.get(metric, [])),
+                              ("validation", [e[f"val_{metric}"] for e in val_epochs])):
+            ax.plot(first_epoch + 1 + np.arange(len(values)), values, "o-", ms=4, label=label)
+        if best is not None:
+            ax.axvline(best, color="0.5", ls=":", label=f"kept epoch {best}")
+        ax.set(title=metric, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+
+def gradcam_sample(labels: np.ndarray, probs: np.ndarray, per_class: int = 4) -> np.ndarray:
+    """Test indices for Grad-CAM: per class up to half wrong and the rest right predictions, in test order."""
+    labels, predicted = np.asarray(labels), np.asarray(probs).argmax(1)
+    chosen = []
+    for c in range(probs.shape[1]):
+        wrong = np.flatnonzero((labels == c) & (predicted != c))
+        right = np.flatnonzero((labels == c) & (predicted == c))
+        n_wrong = min(len(wrong), max(per_class // 2, per_class - len(right)))
+        chosen += [*wrong[:n_wrong], *right[:per_class - n_wrong]]
+    return np.array(chosen, dtype=np.int64)
+
+
+def gradcam(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Heatmaps in [0, 1] of input size: where the target class's pre-softmax score grows with the features."""
+    if len(images) == 0:
+        return np.zeros((0, *images.shape[1:3]), dtype=np.float32)
+    features_model, head, last = _submodels(model)
+    features = features_model.predict(images, batch_size=len(images), verbose=0)
+    onehot = keras.ops.one_hot(keras.ops.convert_to_tensor(np.asarray(targets)), last.units)
+
+    def score(maps: Any) -> Any:
+        hidden = keras.ops.cast(head(maps, training=False), last.kernel.dtype)
+        return keras.ops.sum((keras.ops.matmul(hidden, last.kernel) + last.bias) * onehot)
+
+    grads = np.asarray(keras.ops.convert_to_numpy(_gradient(score, keras.ops.convert_to_tensor(features))),
+                       dtype=np.float32)
+    weights = grads.mean(axis=(1, 2), keepdims=True)
+    cams = np.stack([_resize(c, images.shape[1:3]) for c in np.maximum((weights * features).sum(-1), 0.0)])
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
+
+
+def target_layer(model: keras.Model) -> keras.layers.Layer:
+    """The last Conv2D or nested backbone Model with a 4D output: the last map that still has space in it."""
+    for layer in reversed(model.layers):
+        if isinstance(layer, (keras.layers.Conv2D, keras.Model)) and len(layer.output.shape) == 4:
+            return layer
+    raise ValueError(f"{model.name} has no Conv2D layer or backbone model for Grad-CAM")
+
+
+def _submodels(model: keras.Model) -> tuple[keras.Model, keras.Model, keras.layers.Dense]:
+    """Image -> target feature maps -> input of the final Dense layer, sharing the model's layers.
+
+    Tensors are taken as inputs of the layers that consume them, because a nested backbone's own
+    `output` belongs to its inner graph; both model families are chains, so the next layer is the consumer.
+    """
+    layers = model.layers
+    after, last = layers[layers.index(target_layer(model)) + 1], layers[-1]
+    if not isinstance(last, keras.layers.Dense):
+        raise ValueError(f"{model.name} does not end in a Dense layer; Grad-CAM needs its pre-softmax scores")
+    return keras.Model(model.inputs, after.input), keras.Model(after.input, last.input), last
+
+
+def _gradient(score: Callable[[Any], Any], x: Any) -> Any:
+    """d score / d x with the running backend's autodiff (the one backend-specific piece)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = score(x)
+        return tape.gradient(value, x)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(jax.grad(score))(x)  # compiled: eager JAX would compile every op on its own
+    raise NotImplementedError(f"Grad-CAM supports the tensorflow and jax backends, not {backend}")
+
+
+def _resize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a coarse map to the image size."""
+    image = Image.fromarray(cam.astype(np.float32), mode="F").resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def gradcam_figure(images: np.ndarray, heatmaps: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                   classes: list[str], columns: int = 4) -> Figure:
+    """Heatmaps over the X-rays, titled true/predicted class and coloured right (green) or wrong (red)."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    height = 0.5 + 2.5 * rows  # inches: the figure title, then per row a two-line title over a 2 in image
+    fig = Figure(figsize=(2.2 * columns, height))  # fixed layout: constrained layout costs 0.3 s for 12 axes
+    fig.suptitle("Grad-CAM for the predicted class (red title: wrong prediction)", y=1 - 0.1 / height, va="top")
+    grid = fig.subplots(rows, columns, squeeze=False, gridspec_kw={"left": 0.01, "right": 0.99, "bottom": 0.1 / height,
+                                                                   "top": 1 - 0.9 / height, "hspace": 0.3,
+                                                                   "wspace": 0.05})
+    for k, ax in enumerate(grid.ravel()):
+        ax.set_axis_off()
+        if k >= len(images):
+            continue
+        ax.imshow(images[k].mean(-1), cmap="gray", vmin=0, vmax=255)
+        overlay = matplotlib.colormaps["jet"](heatmaps[k])
+        overlay[..., 3] = 0.65 * heatmaps[k]  # transparent where there is no evidence: the X-ray stays readable
+        ax.imshow(overlay)
+        pred = int(probs[k].argmax())
+        ax.set_title(f"true {classes[labels[k]]}\npred {classes[pred]} {probs[k, pred]:.2f}", fontsize=8,
+                     color=RIGHT if pred == labels[k] else WRONG)
+    return fig
+
+
+# ---------------------------------------------------------------- a search
+
+
+def parallel_figure(params: list[dict[str, str]], scores: list[float], objective: str,
+                    lower_is_better: bool) -> Figure:
+    """Parallel coordinates of the hyperparameters that vary, ending on the objective; the best trial bold."""
+    names = sorted({k for p in params for k in p if len({p.get(k) for p in params}) > 1})
+    fig = Figure(figsize=(max(6.0, 1.7 * (len(names) + 1)), 4.6), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    if not scores:
+        ax.text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
+        return fig
+    columns = [_axis([p.get(k) for p in params]) for k in names] + [_axis([f"{v:.6g}" for v in scores])]
+    goodness = _unit(-np.array(scores) if lower_is_better else np.array(scores))
+    best = int(np.argmax(goodness))
+    cmap = matplotlib.colormaps["viridis"]
+    xs = np.arange(len(columns))
+    for i in np.argsort(goodness):
+        ys = [col[0][i] for col in columns]
+        ax.plot(xs, ys, color=cmap(goodness[i]), lw=3.5 if i == best else 1.4, alpha=1.0 if i == best else 0.75,
+                zorder=3 if i == best else 2, marker="o", ms=3)
+    for x, (name, (_, ticks, labels)) in enumerate(zip([*names, objective], columns)):
+        ax.plot([x, x], [min(0.0, *ticks), 1.0], color="0.3", lw=1, zorder=1)
+        for y, label in zip(ticks, labels):
+            ax.text(x + 0.03, y, label, fontsize=8, va="center", ha="left", zorder=4,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
+        ax.text(x, 1.06, name, ha="center", va="bottom", fontsize=9, fontweight="bold")
+    ax.set(xlim=(-0.2, len(columns) - 0.4), ylim=(-0.16, 1.12))
+    ax.set_title(f"{len(scores)} finished trial(s); colour and bold line: best {objective} "
+                 f"({'lowest' if lower_is_better else 'highest'})", fontsize=10, pad=18)
+    return fig
+
+
+def _axis(values: list[str | None]) -> tuple[np.ndarray, list[float], list[str]]:
+    """Positions in [0, 1] with tick positions and labels: numbers to scale (log when wide), names evenly."""
+    known = [v for v in values if v not in (None, "", "None")]
+    numbers = _floats(known)
+    if numbers is None:
+        names = sorted(set(known))
+        place = {n: i / max(len(names) - 1, 1) for i, n in enumerate(names)}
+        ticks, labels = list(place.values()), names
+    else:
+        log = min(numbers) > 0 and max(numbers) / min(numbers) >= 20
+        scale: Callable[[Any], Any] = np.log10 if log else np.asarray
+        low, high = float(scale(min(numbers))), float(scale(max(numbers)))
+        norm = (lambda v: (float(scale(v)) - low) / (high - low)) if high > low else (lambda v: 0.5)
+        distinct = sorted(set(numbers))
+        marks = distinct if len(distinct) <= 6 else list(np.power(10, np.linspace(low, high, 5)) if log
+                                                         else np.linspace(low, high, 5))
+        place = {v: norm(float(v)) for v in known}
+        ticks, labels = [norm(m) for m in marks], [f"{m:.3g}" for m in marks]
+    if len(known) < len(values):
+        ticks, labels = [*ticks, NOT_SET], [*labels, "n/a"]
+    return np.array([place.get(v, NOT_SET) for v in values]), ticks, labels
+
+
+def _floats(values: list[str]) -> list[float] | None:
+    """The values as numbers, or None when any is not a number."""
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.ones_like(values)
