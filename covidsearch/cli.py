@@ -55,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     _store_options(ui)
     ui.set_defaults(func=cmd_ui)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of a search (the latest by default)")
+    report.add_argument("search", nargs="?", metavar="SEARCH_RUN_ID", help="search run id")
+    report.add_argument("--out", default="report.html", help="where to write the page (default report.html)")
+    _store_options(report)
+    report.set_defaults(func=cmd_report)
     return p
 
 
@@ -245,6 +251,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return subprocess.call(cmd, env=os.environ.copy())
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    search_id, path = report.write(args.out, args.search, args.tracking_uri, args.experiment)
+    print(f"wrote {path} for search {search_id} (also logged to that run as {report.ARTIFACT})")
+    return 0
 
 
 if __name__ == "__main__":
