@@ -1,24 +1,26 @@
 """covidsearch: hyperparameter search and experiment tracking for chest X-ray classifiers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"
 
 
-def _import_keras_quietly() -> None:
-    """TensorFlow prints C++ start-up lines to stderr before its logging is set up, once in every
-    process (each trial's worker too); hold them back and show them only if the import fails."""
+@contextlib.contextmanager
+def held_stderr() -> Iterator[None]:
+    """TensorFlow prints C++ start-up lines straight to stderr when it is first imported (in every
+    process, each trial's worker too); hold them back and show them only if the block fails."""
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            import keras  # noqa: F401
-            import keras_tuner  # noqa: F401
+            yield
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)
@@ -29,4 +31,6 @@ def _import_keras_quietly() -> None:
             os.close(saved)
 
 
-_import_keras_quietly()
+with held_stderr():
+    import keras  # noqa: F401,E402
+    import keras_tuner  # noqa: F401,E402

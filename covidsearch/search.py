@@ -304,6 +304,7 @@ def run(opts: Options) -> Result:
     dataset = data.scan(opts.data, opts.classes, cache_dir)
     test_dataset = data.scan(opts.test_data, dataset.classes, cache_dir) if opts.test_data else None
     test_per_class = opts.test_per_class if opts.test_per_class is not None else int(space.fixed.get("test_per_class", 40))
+    space.fixed["test_per_class"] = test_per_class  # what the trials really used, for their records
     parts = data.split(dataset, opts.seed, float(space.fixed.get("val_fraction", 0.2)), test_per_class,
                        test_dataset, opts.dedupe)
     weights = data.class_weights(dataset.labels[parts.train], len(dataset.classes))

@@ -41,6 +41,8 @@ def connect(tracking_uri: str | None = None, experiment: str | None = None,
     if not uri.startswith("sqlite:///"):
         return _experiment(MlflowClient(uri), uri, experiment or DEFAULT_EXPERIMENT, create)
     db = Path(uri[len("sqlite:///"):])
+    if not create and not db.exists():
+        raise StoreError(f"no tracking store at {db} yet: start a search with `covidsearch run`")
     _check_writable_sqlite(db)
     with open(f"{db}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process creates the tables and the experiment; others wait

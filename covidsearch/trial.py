@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
-from . import data, metrics, models, progress
+from . import data, held_stderr, metrics, models, progress
 
 
 @dataclass
@@ -175,8 +175,9 @@ def _build(spec: Spec, n_classes: int) -> Any:
 
 def _log_model(model: Any, x_example: np.ndarray, probs: np.ndarray, spec: Spec) -> None:
     """The best checkpoint as an MLflow 3 logged model (.keras) with its signature."""
-    mlflow.keras.log_model(model, name="model", signature=infer_signature(x_example, probs),
-                           pip_requirements=_requirements(), params=None)
+    with held_stderr():  # the keras flavour imports TensorFlow, even on the JAX backend
+        mlflow.keras.log_model(model, name="model", signature=infer_signature(x_example, probs),
+                               pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:

@@ -32,5 +32,6 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | Non
     """Run the covidsearch command as a user would, in a fresh process."""
     import subprocess
 
+    clean = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow sets it in-process
     return subprocess.run([sys.executable, "-m", "covidsearch.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**clean, **(env or {})})
