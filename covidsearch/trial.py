@@ -63,6 +63,7 @@ class TrialFailed(RuntimeError):
 def serve(conn: Any, trials: int) -> None:
     """Worker process main loop: run up to `trials` trials sent over the pipe, reply (ok, result)."""
     _die_with_parent()
+    keras.ops.convert_to_tensor(np.zeros(1))  # start the accelerator runtime while still on standby
     for _ in range(trials):
         try:
             spec, plan = conn.recv()
@@ -118,7 +119,7 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
             test = metrics.evaluate(y_test, test_probs, classes)
             client.log_batch(spec.run_id, metrics=_metric_list({f"test_{k}": v for k, v in test.items()}))
             mlflow.log_table(metrics.confusion_table(y_test, test_probs, classes), "confusion_matrix.json")
-            _log_model(model, x_test[:2], test_probs[:2], spec)
+            _log_model(model, x_test[:2], test_probs[:2])
             from . import plots  # matplotlib only where figures are drawn
 
             plots.log_trial_figures(model, x_test, y_test, test_probs, classes, history.history, validation.epochs,
@@ -138,18 +139,21 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
 def _set_precision(precision: str) -> None:
     """bfloat16 mixed precision on GPUs that support it (auto), float32 on CPU."""
     if precision == "auto":
-        precision = "mixed" if _has_gpu() else "float32"
+        precision = "mixed" if _bfloat16_gpu() else "float32"
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "mixed" else "float32")
 
 
-def _has_gpu() -> bool:
+def _bfloat16_gpu() -> bool:
+    """A GPU of compute capability 8.0 or newer (Ampere, Hopper), where bfloat16 runs at full speed."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
-        return any(d.platform == "gpu" for d in jax.devices())
+        return any(d.platform == "gpu" and float(getattr(d, "compute_capability", "0")) >= 8.0
+                   for d in jax.devices())
     if backend == "tensorflow":
         import tensorflow as tf
-        return bool(tf.config.list_physical_devices("GPU"))
+        return any(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) >= (8, 0)
+                   for gpu in tf.config.list_physical_devices("GPU"))
     return False
 
 
@@ -173,7 +177,7 @@ def _build(spec: Spec, n_classes: int) -> Any:
     return model
 
 
-def _log_model(model: Any, x_example: np.ndarray, probs: np.ndarray, spec: Spec) -> None:
+def _log_model(model: Any, x_example: np.ndarray, probs: np.ndarray) -> None:
     """The best checkpoint as an MLflow 3 logged model (.keras) with its signature."""
     with held_stderr():  # the keras flavour imports TensorFlow, even on the JAX backend
         mlflow.keras.log_model(model, name="model", signature=infer_signature(x_example, probs),
@@ -200,13 +204,18 @@ class ValidationMetrics(keras.callbacks.Callback):
         super().__init__()
         self.x, self.y, self.classes, self.batch_size = x, y, classes, batch_size
         self.epochs: list[dict[str, float]] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        trained = time.perf_counter()
         probs = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
         values = {f"val_{k}": v for k, v in metrics.evaluate(self.y, probs, self.classes).items()}
         self.epochs.append(values)
-        if logs is not None:
-            logs.update(values)
+        if logs is not None:  # seconds too, so a slow input path or idle accelerator shows in MLflow
+            logs.update(values, train_seconds=trained - self._started, val_seconds=time.perf_counter() - trained)
 
     def best(self, objective: str) -> dict[str, float]:
         """The validation metrics of the epoch that is best by val_loss (the checkpoint kept)."""
