@@ -145,18 +145,17 @@ def gradcam(model: keras.Model, images: np.ndarray, targets: np.ndarray) -> np.n
     """Heatmaps in [0, 1] of input size: where the target class's pre-softmax score grows with the features."""
     if len(images) == 0:
         return np.zeros((0, *images.shape[1:3]), dtype=np.float32)
-    features_model, head, last = _submodels(model)
-    features = features_model.predict(images, batch_size=len(images), verbose=0)
+    features, head, last = _submodels(model)
     onehot = keras.ops.one_hot(keras.ops.convert_to_tensor(np.asarray(targets)), last.units)
 
     def score(maps: Any) -> Any:
         hidden = keras.ops.cast(head(maps, training=False), last.kernel.dtype)
         return keras.ops.sum((keras.ops.matmul(hidden, last.kernel) + last.bias) * onehot)
 
-    grads = np.asarray(keras.ops.convert_to_numpy(_gradient(score, keras.ops.convert_to_tensor(features))),
-                       dtype=np.float32)
+    maps, grads = (np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float32)
+                   for t in _maps_and_gradients(features, score, keras.ops.convert_to_tensor(images)))
     weights = grads.mean(axis=(1, 2), keepdims=True)
-    cams = np.stack([_resize(c, images.shape[1:3]) for c in np.maximum((weights * features).sum(-1), 0.0)])
+    cams = np.stack([_resize(c, images.shape[1:3]) for c in np.maximum((weights * maps).sum(-1), 0.0)])
     peak = cams.max(axis=(1, 2), keepdims=True)
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
 
@@ -170,11 +169,9 @@ def target_layer(model: keras.Model) -> keras.layers.Layer:
 
 
 def _submodels(model: keras.Model) -> tuple[keras.Model, keras.Model, keras.layers.Dense]:
-    """Image -> target feature maps -> input of the final Dense layer, sharing the model's layers.
-
-    Tensors are taken as inputs of the layers that consume them, because a nested backbone's own
-    `output` belongs to its inner graph; both model families are chains, so the next layer is the consumer.
-    """
+    """Image -> target maps -> input of the final Dense layer, as models sharing the trained layers."""
+    # Tensors are taken as inputs of the layers that consume them: a nested backbone's own `output` belongs
+    # to its inner graph. Both model families are chains, so the next layer is the consumer.
     layers = model.layers
     after, last = layers[layers.index(target_layer(model)) + 1], layers[-1]
     if not isinstance(last, keras.layers.Dense):
@@ -182,20 +179,27 @@ def _submodels(model: keras.Model) -> tuple[keras.Model, keras.Model, keras.laye
     return keras.Model(model.inputs, after.input), keras.Model(after.input, last.input), last
 
 
-def _gradient(score: Callable[[Any], Any], x: Any) -> Any:
-    """d score / d x with the running backend's autodiff (the one backend-specific piece)."""
+def _maps_and_gradients(features: keras.Model, score: Callable[[Any], Any], images: Any) -> tuple[Any, Any]:
+    """Target maps and d score / d maps in one pass: the one backend-specific piece of Grad-CAM."""
+    # Eager under TensorFlow (tracing would cost more than it saves); one compiled call under JAX, whose
+    # eager mode compiles every op on its own (seconds for a backbone).
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            tape.watch(x)
-            value = score(x)
-        return tape.gradient(value, x)
+            maps = features(images, training=False)
+            tape.watch(maps)
+            value = score(maps)
+        return maps, tape.gradient(value, maps)
     if backend == "jax":
         import jax
 
-        return jax.jit(jax.grad(score))(x)  # compiled: eager JAX would compile every op on its own
+        def both(x: Any) -> tuple[Any, Any]:
+            maps = features(x, training=False)
+            return maps, jax.grad(score)(maps)
+
+        return jax.jit(both)(images)
     raise NotImplementedError(f"Grad-CAM supports the tensorflow and jax backends, not {backend}")
 
 
