@@ -120,7 +120,7 @@ class Space:
 
     def config(self, values: dict[str, Any]) -> dict[str, Any]:
         """A trial's full configuration: fixed settings plus its hyperparameter values."""
-        return {**self.fixed, **{k: v for k, v in values.items() if not k.startswith("tuner/")}}
+        return {**self.fixed, **{k: _tidy(v) for k, v in values.items() if not k.startswith("tuner/")}}
 
     def pin(self, assignments: list[str]) -> "Space":
         """Apply `--set NAME=VALUE` overrides: hyperparameters are pinned, fixed settings replaced."""
@@ -141,6 +141,11 @@ class Space:
                 known = sorted([*self.params, *self.fixed])
                 raise SpaceError(f"--set {name}: unknown name; this space has {', '.join(known)}")
         return self
+
+
+def _tidy(value: Any) -> Any:
+    """Float steps accumulate error (0.30000000000000004); records and models get 0.3."""
+    return float(f"{value:.12g}") if isinstance(value, float) else value
 
 
 def _number(text: str) -> float | int | None:
