@@ -221,12 +221,18 @@ def test_too_small_a_class_is_a_one_line_error(xray_dir):
         data.split(data.scan(xray_dir), 28, test_per_class=40)
 
 
-def test_test_data_images_and_their_copies_never_train(tmp_path):
+def separate_test_set(tmp_path: Path) -> tuple[Path, Path]:
+    """A training folder and a --test-data folder with one held-out image per class."""
     train_root = make_classes(tmp_path / "train", 10)
     test_root = tmp_path / "test"
-    for folder in TUTORIAL_FOLDERS:
+    for c, folder in enumerate(TUTORIAL_FOLDERS):
         (test_root / folder).mkdir(parents=True)
-        picture(555 + len(folder)).save(test_root / folder / "held-out.png")
+        picture(500 + c).save(test_root / folder / "held-out.png")
+    return train_root, test_root
+
+
+def test_test_data_images_and_their_copies_never_train(tmp_path):
+    train_root, test_root = separate_test_set(tmp_path)
     shutil.copy(test_root / "NORMAL" / "held-out.png", train_root / "NORMAL" / "copied-by-mistake.png")
 
     dataset = data.scan(train_root)
@@ -265,6 +271,19 @@ def test_leakage_check_finds_exact_and_near_duplicates_across_splits(tmp_path):
     assert Path(found["exact"][0]["a"]).name == "000.png" and found["exact"][0]["splits"] == "train/test"
     assert found["near"][0]["a"].endswith("Viral Pneumonia/000.png")
     assert found["near"][0]["bits"] <= data.NEAR_DUPLICATE_BITS
+
+
+def test_dedupe_with_test_data_also_keeps_near_copies_of_test_images_out(tmp_path):
+    train_root, test_root = separate_test_set(tmp_path)
+    (train_root / "NORMAL" / "brighter.jpg").write_bytes(near_copy(Image.open(test_root / "NORMAL" / "held-out.png")))
+    dataset = data.scan(train_root)
+    test_dataset = data.scan(test_root, dataset.classes)
+
+    plain = data.split(dataset, 28, test_dataset=test_dataset)
+    assert [Path(pair["a"]).name for pair in data.leakage(dataset, plain)["near"]] == ["brighter.jpg"]
+    deduped = data.split(dataset, 28, test_dataset=test_dataset, dedupe=True)
+    assert data.leakage(dataset, deduped)["near_duplicates"] == 0
+    assert [dataset.samples[i].name for i in deduped.excluded] == ["NORMAL/brighter.jpg"]
 
 
 def test_distinct_images_are_not_near_duplicates(xray_dir):
