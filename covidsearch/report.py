@@ -15,7 +15,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Iterable
 
 from mlflow.tracking import MlflowClient
 
@@ -85,7 +85,7 @@ def gather(client: MlflowClient, experiment_id: str, search_id: str) -> Search:
                   [r for r in skipped if r.get("file")], best, figures)
 
 
-def _artifacts(client: MlflowClient, run_id: str, folder: str, names: Any) -> dict[str, bytes]:
+def _artifacts(client: MlflowClient, run_id: str, folder: str, names: Iterable[str]) -> dict[str, bytes]:
     """The named files of an artifact folder that exist (older runs may lack some), as bytes."""
     present = {Path(a.path).name for a in client.list_artifacts(run_id, folder)}
     with tempfile.TemporaryDirectory() as tmp:
