@@ -120,7 +120,7 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
             client.log_batch(spec.run_id, metrics=_metric_list({f"test_{k}": v for k, v in test.items()}))
             mlflow.log_table(metrics.confusion_table(y_test, test_probs, classes), "confusion_matrix.json")
             _log_model(model, x_test[:2], test_probs[:2])
-            from . import plots  # matplotlib only where figures are drawn
+            from . import plots
 
             plots.log_trial_figures(model, x_test, y_test, test_probs, classes, history.history, validation.epochs,
                                     spec.initial_epoch)
