@@ -435,21 +435,30 @@ def arrays(dataset: Dataset, size: int, color_mode: str, cache_dir: str | os.Pat
            workers: int | None = None) -> np.ndarray:
     """All images of a dataset as uint8 (n, size, size, channels), decoded once and then read from disk."""
     store = _store(cache_dir, size, color_mode)
-    store.mkdir(parents=True, exist_ok=True)
+    _fill(store, dataset.samples, size, color_mode, workers)
+    whole = store / f"{_pack_name(s.sha256 for s in dataset.samples)}.sha"
+    if whole.exists():  # one pack holds exactly these images in this order: map it, copy nothing
+        return np.load(whole.with_suffix(".npy"), mmap_mode="r")
     found = _cached(store)
-    if any(s.sha256 not in found for s in dataset.samples):
-        with open(store / "fill.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the first one's pack
-            found = _cached(store)
-            missing = list({s.sha256: s for s in dataset.samples if s.sha256 not in found}.values())
-            if missing:
-                pixels = np.stack(_parallel(lambda s: decode(s.path, size, color_mode), missing, workers))
-                _save_pack(store, [s.sha256 for s in missing], pixels)
-                found = _cached(store)
     out = np.empty((len(dataset.samples), size, size, channels(color_mode)), dtype=np.uint8)
     for i, s in enumerate(dataset.samples):
         out[i] = found[s.sha256]
     return out
+
+
+def _fill(store: Path, samples: list[Sample], size: int, color_mode: str, workers: int | None) -> None:
+    """Decode the images the cache lacks, each once, into a new pack."""
+    store.mkdir(parents=True, exist_ok=True)
+    cached = _cached(store)
+    if all(s.sha256 in cached for s in samples):
+        return
+    with open(store / "fill.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the first one's pack
+        found = _cached(store)
+        missing = list({s.sha256: s for s in samples if s.sha256 not in found}.values())
+        if missing:
+            pixels = np.stack(_parallel(lambda s: decode(s.path, size, color_mode), missing, workers))
+            _save_pack(store, [s.sha256 for s in missing], pixels)
 
 
 def _cached(store: Path) -> dict[str, np.ndarray]:
@@ -462,9 +471,13 @@ def _cached(store: Path) -> dict[str, np.ndarray]:
     return found
 
 
+def _pack_name(digests: Iterable[str]) -> str:
+    """A pack is named by its images' hashes in order: the same images give the same name."""
+    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()[:24]
+
+
 def _save_pack(store: Path, digests: list[str], pixels: np.ndarray) -> None:
     """Publish images as a pack: pixels first, then the digest index that readers look for."""
-    raw = b"".join(bytes.fromhex(d) for d in digests)
-    name = hashlib.sha256(raw).hexdigest()[:24]  # the same images give the same name: a race writes one pack
+    name = _pack_name(digests)  # two processes racing to write the same images write one pack
     _atomic_write(store / f"{name}.npy", lambda fh: np.save(fh, pixels))
-    _atomic_write(store / f"{name}.sha", lambda fh: fh.write(raw))
+    _atomic_write(store / f"{name}.sha", lambda fh: fh.write(b"".join(bytes.fromhex(d) for d in digests)))
