@@ -35,13 +35,14 @@ CLASS_ALIASES = {
 }
 # Hamming distance on the 256-bit difference hash. On the real 2,800 images no two distinct
 # X-rays are closer than 10 bits (the closest pairs are different patients), while re-encoded,
-# brightened, contrast- or gamma-adjusted, resized or labelled copies are within 8 bits in
-# 91-100% of cases: 8 keeps a margin below the first false match. See benchmarks/RESULTS.md.
+# brightened, contrast- or gamma-adjusted, resized, blurred or text-stamped copies stay within
+# 8 bits in 94-100% of cases: 8 keeps a margin below the first false match. See
+# benchmarks/RESULTS.md.
 NEAR_DUPLICATE_BITS = 8
 SPLITS = ("train", "val", "test")
 T = TypeVar("T")
 R = TypeVar("R")
-Size = tuple[int, str]  # (input size in pixels, colour mode): what the pixel cache is kept per
+Size = tuple[int, str]  # (input size in pixels, colour mode): one folder of the pixel cache
 
 
 class DataError(ValueError):
