@@ -12,10 +12,10 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from . import data, models, registry, search, spaces, tracking
+    from . import data, models, registry, search, server, spaces, tracking
 
     known = (data.DataError, spaces.SpaceError, tracking.StoreError, search.SearchError, models.WeightsError,
-             registry.RegistryError)
+             registry.RegistryError, server.ServerError)
     try:
         return args.func(args) or 0
     except search.SearchInterrupted as stop:
@@ -37,7 +37,38 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="search hyperparameters; every trial goes to MLflow")
     run.add_argument("--data", required=True, help="dataset root (tutorial or Kaggle layout)")
     _search_options(run)
+    run.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_const", const="required", dest="resume", default="auto",
+                        help="continue the unfinished search with these settings (the default when there is one)")
+    resume.add_argument("--fresh", action="store_const", const="never", dest="resume",
+                        help="start a new search even if an identical one is unfinished")
+    run.add_argument("--oracle", metavar="HOST:PORT",
+                     help="be the chief of a distributed search: serve its oracle here (0.0.0.0:PORT for other "
+                          "machines) while `covidsearch worker` processes run the trials")
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="join a distributed search: run the trials its chief hands out",
+                            description="Give it the chief's --data (the same images), space and search options: "
+                                        "it finds the chief's search run by them on the tracking server.")
+    worker.add_argument("--data", required=True, help="dataset root (the same images as the chief's)")
+    _search_options(worker)
+    worker.add_argument("--oracle", required=True, metavar="HOST:PORT", help="where the chief serves the oracle")
+    worker.add_argument("--worker-id", help="this worker's id, unique in the search (default: the host name); "
+                                            "restarted with the same id, a worker resumes its trial")
+    worker.set_defaults(func=cmd_worker)
+
+    server = sub.add_parser("server", help="an MLflow tracking server for a team (database runs, served artifacts)")
+    server.add_argument("--backend-store-uri", help="SQLite or PostgreSQL URI (default: sqlite under ./mlruns/server)")
+    server.add_argument("--artifacts-destination", help="where artifacts go: a directory or s3://BUCKET/PATH "
+                                                        "(default ./mlruns/server/artifacts)")
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s; 0.0.0.0 for "
+                                                            "other machines)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, help="server processes (default: MLflow's)")
+    server.add_argument("--allowed-hosts", help="Host headers to accept, e.g. mlflow:5000 behind a name "
+                                                "(default: MLflow's, plus this host's name)")
+    server.set_defaults(func=cmd_server)
 
     demo = sub.add_parser("demo", help="a 2-trial search on generated (synthetic) images, for newcomers")
     demo.add_argument("--dir", default="demo-data", help="where to write the synthetic images")
@@ -91,31 +122,47 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="decoded-image cache (default mlruns/cache)")
     p.add_argument("--trials-per-worker", type=int, default=1,
                    help="trials per worker process before it is replaced (1 = each trial in a fresh process)")
-    p.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_const", const="required", dest="resume", default="auto",
-                        help="continue the unfinished search with these settings (the default when there is one)")
-    resume.add_argument("--fresh", action="store_const", const="never", dest="resume",
-                        help="start a new search even if an identical one is unfinished")
     _store_options(p)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _options(args: argparse.Namespace, **more) -> search.Options:
+    """search.Options from the options `run` and `worker` share, plus `more`."""
     from . import progress, search
 
     sets = list(args.sets) + ([f"weights={args.weights}"] if args.weights else [])
-    opts = search.Options(
+    return search.Options(
         data=args.data, space=args.space, sets=sets, tuner=args.tuner, max_trials=args.max_trials,
         max_epochs=args.max_epochs, objective=args.objective, seed=args.seed, classes=args.classes,
         test_per_class=args.test_per_class, test_data=args.test_data, dedupe=args.dedupe, baseline=args.baseline,
         tracking_uri=args.tracking_uri, experiment=args.experiment, project_dir=args.project_dir,
-        cache_dir=args.cache_dir, precision=args.precision, resume=args.resume,
-        max_consecutive_failed_trials=args.max_failures, trials_per_worker=args.trials_per_worker,
-        progress=progress.mode_for(sys.stderr, args.quiet))
-    result = search.run(opts)
+        cache_dir=args.cache_dir, precision=args.precision, trials_per_worker=args.trials_per_worker,
+        progress=progress.mode_for(sys.stderr, args.quiet), oracle=args.oracle, **more)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import search
+
+    result = search.run(_options(args, resume=args.resume, max_consecutive_failed_trials=args.max_failures))
     _print_leaderboard(args, result.search_run_id)
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from . import search
+
+    result = search.work(_options(args, worker_id=args.worker_id))
+    print(f"worker {result.worker_id} finished {result.trials} trial(s) of search {result.search_run_id}")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from . import server
+
+    config = server.Config.make(args.backend_store_uri, args.artifacts_destination, args.host, args.port,
+                                args.workers, args.allowed_hosts)
+    return server.serve(config, lambda uri: print(f"MLflow tracking server ready: pass --tracking-uri {uri} "
+                                                  "(Ctrl-C stops it)", flush=True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -58,6 +58,8 @@ class Options:
     max_consecutive_failed_trials: int = 3
     trials_per_worker: int = 1
     progress: str = "plain"  # tty, plain or off (see progress.mode_for)
+    oracle: str | None = None  # HOST:PORT: `run` serves the oracle there (the chief), `work` asks it for trials
+    worker_id: str | None = None  # a worker's Keras Tuner id (default: the host name)
 
 
 @dataclass
@@ -70,6 +72,15 @@ class Result:
     objective: str
     trials: int
     resumed: bool
+
+
+@dataclass
+class WorkerResult:
+    """What a worker reports when the chief tells it to stop."""
+
+    search_run_id: str
+    worker_id: str
+    trials: int  # FINISHED by this worker
 
 
 class SearchError(RuntimeError):
@@ -217,7 +228,7 @@ class Tuner(base_tuner.BaseTuner):
         self.client, self.experiment_id, self.search_run_id = client, experiment_id, search_run_id
         self.workers, self.progress = workers, progress
         self.baseline_values = space.defaults()
-        if not self.oracle.hyperparameters.space:
+        if not self.oracle.get_space().space:  # a worker's oracle is the chief's, over gRPC
             self.oracle.update_space(space.hyperparameters())
 
     def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -225,15 +236,15 @@ class Tuner(base_tuner.BaseTuner):
         index = int(kt_trial.trial_id) + 1
         config = self.space.config(values)
         is_baseline = {k: v for k, v in values.items() if not k.startswith("tuner/")} == self.baseline_values
+        warm_start, initial_epoch = self._warm_start(values)
         run_id = tracking.create_run(self.client, self.experiment_id, f"trial-{kt_trial.trial_id}", {
-            "covidsearch_kind": "trial", "covidsearch_trial_id": kt_trial.trial_id,
-            "baseline": str(is_baseline).lower()}, parent_id=self.search_run_id)
+            "covidsearch_kind": "trial", "covidsearch_trial_id": kt_trial.trial_id, "covidsearch_worker_id": self.tuner_id,
+            "baseline": str(is_baseline).lower(), **({"warm_start": warm_start or "none"} if "tuner/trial_id" in values
+                                                      else {})}, parent_id=self.search_run_id)
         self.client.log_batch(run_id, params=_params(config))
         spec = trial.Spec(kt_trial.trial_id, run_id, config, epochs=int(values.get("tuner/epochs", self.max_epochs)),
-                          initial_epoch=int(values.get("tuner/initial_epoch", 0)),
-                          trial_dir=self.get_trial_dir(kt_trial.trial_id),
-                          warm_start=self._warm_start(values.get("tuner/trial_id")),
-                          progress=self.progress.mode, label=self.progress.trial_label(index))
+                          initial_epoch=initial_epoch, trial_dir=self.get_trial_dir(kt_trial.trial_id),
+                          warm_start=warm_start, progress=self.progress.mode, label=self.progress.trial_label(index))
         objective = self.oracle.objective.name
         started = time.perf_counter()
         try:
@@ -243,19 +254,25 @@ class Tuner(base_tuner.BaseTuner):
                 tracking.end_run(self.client, run_id, "FAILED", str(err))
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {err}", _maximise(objective))
             raise kt.errors.FailedTrialError(str(err)) from None
-        self._record_best()
+        self.record_best()
         text = (f"{objective} {result[objective]:.4f}{' (baseline)' if is_baseline else ''} in "
                 f"{time.perf_counter() - started:.0f} s: " + _shown(values))
         self.progress.finished(index, kt_trial.trial_id, result[objective], text, _maximise(objective))
         return result
 
-    def _warm_start(self, previous: str | None) -> str | None:
+    def _warm_start(self, values: dict[str, Any]) -> tuple[str | None, int]:
+        """Weights a Hyperband trial continues from and its first epoch: the previous round's checkpoint from this
+        machine, else its model from MLflow (workers share no disk); with neither, it trains from epoch 0."""
+        previous = values.get("tuner/trial_id")
         if previous is None:
-            return None
+            return None, int(values.get("tuner/initial_epoch", 0))
         path = Path(self.get_trial_dir(previous)) / "best.weights.h5"
-        return str(path) if path.exists() else None
+        if path.exists():
+            return str(path), int(values["tuner/initial_epoch"])
+        model_id = tracking.trial_model(self.client, self.experiment_id, self.search_run_id, previous)
+        return (f"models:/{model_id}", int(values["tuner/initial_epoch"])) if model_id else (None, 0)
 
-    def _record_best(self) -> None:
+    def record_best(self) -> None:
         """Keep the search run's best trial id and score current after every trial."""
         rows = [r for r in tracking.leaderboard(self.client, self.experiment_id, self.search_run_id)
                 if r["status"] == "FINISHED" and r["objective"] is not None]
@@ -285,8 +302,22 @@ class SearchInterrupted(KeyboardInterrupt):
         self.command = command
 
 
-def run(opts: Options) -> Result:
-    """Run (or resume) a search and return where its results are."""
+@dataclass
+class _Setup:
+    """What `run` and every worker of the same search derive alike from the same options."""
+
+    space: spaces.Space
+    settings: dict[str, Any]
+    key: str
+    client: Any
+    experiment_id: str
+    uri: str
+    plan: trial.Plan
+    progress: Progress
+
+
+def _prepare(opts: Options, create: bool = True) -> _Setup:
+    """Check the options, scan and split the data, and compute the search's identity."""
     space = spaces.load(opts.space).pin(opts.sets)
     tuner_name = opts.tuner or space.search.get("tuner", "hyperband")
     max_trials = int(opts.max_trials or space.search.get("max_trials", 20))
@@ -298,7 +329,7 @@ def run(opts: Options) -> Result:
         raise SearchError(f"objective {objective!r} must be a validation metric such as val_loss or val_accuracy")
 
     _preflight(space)
-    client, experiment_id = tracking.connect(opts.tracking_uri, opts.experiment)
+    client, experiment_id = tracking.connect(opts.tracking_uri, opts.experiment, create)
     uri = tracking.store_uri(opts.tracking_uri)
     cache_dir = Path(opts.cache_dir or tracking.STORE_DIR / "cache")
     dataset = data.scan(opts.data, opts.classes, cache_dir)
@@ -316,9 +347,33 @@ def run(opts: Options) -> Result:
                 "seed": opts.seed, "baseline": opts.baseline, "test_per_class": test_per_class,
                 "dedupe": opts.dedupe, "classes": "|".join(dataset.classes), "precision": opts.precision,
                 "test_data": opts.test_data or "", "sets": " ".join(opts.sets)}
-    key = _search_key(space, settings, dataset, parts)
+    plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, objective, opts.seed, opts.precision)
+    return _Setup(space, settings, _search_key(space, settings, dataset, parts), client, experiment_id, uri, plan,
+                  progress)
+
+
+def _tuner(s: _Setup, opts: Options, search_run_id: str, workers: Workers, directory: Path,
+           project_name: str) -> Tuner:
+    """The Keras Tuner tuner of this process: the oracle's own (local, chief) or the chief's over gRPC (worker)."""
+    max_trials, max_epochs = s.settings["max_trials"], s.settings["max_epochs"]
+    oracle = make_oracle(s.settings["tuner"], s.settings["objective"], max_trials, max_epochs, opts.seed,
+                         opts.baseline, opts.max_consecutive_failed_trials)
+    tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, s.experiment_id, search_run_id, workers,
+                  str(directory), project_name, s.progress)
+    tuner.oracle.max_trials = max_trials
+    return tuner
+
+
+def run(opts: Options) -> Result:
+    """Run (or resume) a search and return where its results are; with opts.oracle, workers run its trials."""
+    if opts.oracle:
+        from . import distributed
+
+        distributed.check_listen(opts.oracle)
+    s = _prepare(opts)
+    client, experiment_id, progress = s.client, s.experiment_id, s.progress
     directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
-    project_name, state, lock = _claim_project(directory, f"{space.path.stem}-{key}", opts.resume)
+    project_name, state, lock = _claim_project(directory, f"{s.space.path.stem}-{s.key}", opts.resume)
     if state:
         search_run_id = state["search_run_id"]
         tracking.get_run(client, search_run_id)
@@ -327,22 +382,22 @@ def run(opts: Options) -> Result:
             progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
         progress.notice(f"resuming search {search_run_id}")
     else:
-        search_run_id = tracking.create_run(client, experiment_id, f"search-{space.path.stem}",
+        search_run_id = tracking.create_run(client, experiment_id, f"search-{s.space.path.stem}",
                                             {"covidsearch_kind": "search", **_provenance()})
-        _log_search(client, search_run_id, space, settings, dataset, parts, weights)
+        _log_search(client, search_run_id, s.space, s.settings, s.plan.dataset, s.plan.split, s.plan.class_weights)
         _write_state(directory / project_name, search_run_id, "running")
-    progress.say(f"search run {search_run_id} in {uri}")
+    client.set_tag(search_run_id, "covidsearch_search_key", s.key)  # how workers find this run
+    client.set_tag(search_run_id, "covidsearch_oracle", opts.oracle or "none")
+    progress.say(f"search run {search_run_id} in {s.uri}")
 
-    plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, objective, opts.seed, opts.precision)
-    oracle = make_oracle(tuner_name, objective, max_trials, max_epochs, opts.seed, opts.baseline,
-                         opts.max_consecutive_failed_trials)
     workers = Workers(opts.trials_per_worker)
-    tuner = Tuner(oracle, space, plan, max_epochs, client, experiment_id, search_run_id, workers, str(directory),
-                  project_name, progress)
-    tuner.oracle.max_trials = max_trials
+    tuner = _tuner(s, opts, search_run_id, workers, directory, project_name)
     tuner.save()
     try:
-        tuner.search(verbose=0)
+        if opts.oracle:
+            distributed.serve(tuner.oracle, opts.oracle, progress)
+        else:
+            tuner.search(verbose=0)
     except KeyboardInterrupt:
         workers.close()
         tracking.close_orphans(client, experiment_id, search_run_id)
@@ -359,11 +414,75 @@ def run(opts: Options) -> Result:
     finally:
         workers.close()
         lock.close()
+    for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
+        progress.notice(f"trial run {run_id} was left RUNNING by a worker that was lost: marked KILLED")
+    tuner.record_best()
     client.set_terminated(search_run_id, "FINISHED")
     _write_state(directory / project_name, search_run_id, "finished")
     best = client.get_run(search_run_id).data
+    objective = s.settings["objective"]
     return Result(search_run_id, best.tags.get("best_trial_run_id"), best.metrics.get(f"best_{objective}"), objective,
                   len(tracking.trial_runs(client, experiment_id, search_run_id)), bool(state))
+
+
+def work(opts: Options) -> WorkerResult:
+    """Join the search whose chief serves its oracle at opts.oracle: run the trials it hands this worker,
+    recorded as children of the chief's search run, until the chief says stop."""
+    from . import distributed
+
+    worker_id = distributed.worker_id(opts.worker_id)
+    distributed.join(opts.oracle, worker_id)  # tuners built from here on ask the chief for trials
+    s = _prepare(opts, create=False)
+    search_run_id = _find_search(s)
+    directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
+    project_name = f"{s.space.path.stem}-{s.key}-{search_run_id}-{worker_id}"
+    (directory / project_name).mkdir(parents=True, exist_ok=True)
+    lock = _try_lock(directory / project_name)
+    if lock is None:
+        raise SearchError(f"worker {worker_id} is already running here: give this one another --worker-id")
+    for run_id in tracking.close_orphans(s.client, s.experiment_id, search_run_id, worker_id=worker_id):
+        s.progress.notice(f"trial run {run_id} was in flight when worker {worker_id} stopped: marked KILLED, "
+                          "it runs again")
+    s.progress.say(f"worker {worker_id} joins search run {search_run_id} in {s.uri} (oracle at {opts.oracle})")
+    workers = Workers(opts.trials_per_worker)
+    tuner = _tuner(s, opts, search_run_id, workers, directory, project_name)
+    try:
+        tuner.search(verbose=0)
+    except KeyboardInterrupt:
+        workers.close()
+        tracking.close_orphans(s.client, s.experiment_id, search_run_id, worker_id=worker_id)
+        raise SearchInterrupted(" ".join(["covidsearch", *sys.argv[1:]])
+                                + ("" if opts.worker_id else f" --worker-id {worker_id}")) from None
+    except distributed.RpcError as err:
+        raise SearchError(f"the chief at {opts.oracle} failed or went away: {err.details()}") from None
+    finally:
+        workers.close()
+        lock.close()
+    runs = tracking.trial_runs(s.client, s.experiment_id, search_run_id, worker_id=worker_id)
+    return WorkerResult(search_run_id, worker_id, sum(r.info.status == "FINISHED" for r in runs))
+
+
+def _find_search(s: _Setup) -> str:
+    """The chief's RUNNING search run with this worker's key; when there is none, say what differs."""
+    runs = s.client.search_runs([s.experiment_id], "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'",
+                                max_results=1000)
+    chiefs = [r for r in runs if r.data.tags.get("covidsearch_oracle", "none") != "none"]
+    same = [r.info.run_id for r in chiefs if r.data.tags.get("covidsearch_search_key") == s.key]
+    if len(same) == 1:
+        return same[0]
+    if same:
+        raise SearchError(f"{len(same)} running searches have these settings ({', '.join(same)}): stop all chiefs "
+                          "but one")
+    if not chiefs:
+        raise SearchError(f"no distributed search is running in {s.uri}: start its chief first with "
+                          "`covidsearch run ... --oracle HOST:PORT` (and the same --tracking-uri and --experiment)")
+    fingerprint = s.plan.dataset.fingerprint()
+    if all(r.data.tags.get("data_fingerprint") != fingerprint for r in chiefs):
+        theirs = ", ".join(f"{r.info.run_id} {r.data.tags.get('data_fingerprint', '?')[:12]}" for r in chiefs)
+        raise SearchError(f"this worker's data (fingerprint {fingerprint[:12]}) is not the running search's "
+                          f"({theirs}): point --data at the same images")
+    raise SearchError(f"the running search {', '.join(r.info.run_id for r in chiefs)} has other settings than this "
+                      "worker: give the worker the chief's space and search options")
 
 
 def _preflight(space: spaces.Space) -> None:

@@ -39,6 +39,9 @@ def connect(tracking_uri: str | None = None, experiment: str | None = None,
     uri = store_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///"):
+        # A tracking server's client prints two links per ended run on stdout, amid covidsearch's own output;
+        # set here, before any trial process starts, so those inherit it.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         return _experiment(MlflowClient(uri), uri, experiment or DEFAULT_EXPERIMENT, create)
     db = Path(uri[len("sqlite:///"):])
     if not create and not db.exists():
@@ -91,18 +94,36 @@ def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = 
     client.set_terminated(run_id, status=status)
 
 
-def close_orphans(client: MlflowClient, experiment_id: str, parent_id: str, status: str = "KILLED") -> list[str]:
-    """Runs of this search left RUNNING by a killed process: end them so none stays RUNNING."""
-    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
-                                               "attributes.status = 'RUNNING'", max_results=1000)
+def close_orphans(client: MlflowClient, experiment_id: str, parent_id: str, status: str = "KILLED",
+                  worker_id: str | None = None) -> list[str]:
+    """Runs of this search (or of one worker) left RUNNING by a killed process: end them so none stays RUNNING."""
+    runs = client.search_runs([experiment_id], _children(parent_id, worker_id) + " and attributes.status = 'RUNNING'",
+                              max_results=1000)
     for run in runs:
         end_run(client, run.info.run_id, status, "the process running this trial ended before it finished")
     return [r.info.run_id for r in runs]
 
 
-def trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list[mlflow.entities.Run]:
-    """Every child run of a search."""
-    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
+def trial_runs(client: MlflowClient, experiment_id: str, parent_id: str,
+               worker_id: str | None = None) -> list[mlflow.entities.Run]:
+    """Every child run of a search, or those one worker of a distributed search ran."""
+    return client.search_runs([experiment_id], _children(parent_id, worker_id), max_results=10000)
+
+
+def _children(parent_id: str, worker_id: str | None) -> str:
+    worker = f" and tags.covidsearch_worker_id = '{worker_id}'" if worker_id else ""
+    return f"tags.mlflow.parentRunId = '{parent_id}'{worker}"
+
+
+def trial_model(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str | None:
+    """The logged model of a search's FINISHED trial, wherever it ran (a Hyperband round continues from it)."""
+    runs = client.search_runs([experiment_id], f"{_children(parent_id, None)} and attributes.status = 'FINISHED' "
+                                               f"and tags.covidsearch_trial_id = '{trial_id}'", max_results=1)
+    if not runs:
+        return None
+    models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{runs[0].info.run_id}'",
+                                         max_results=1)
+    return models[0].model_id if models else None
 
 
 def latest_search(client: MlflowClient, experiment_id: str) -> str:

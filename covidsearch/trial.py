@@ -51,7 +51,7 @@ class Spec:
     epochs: int
     initial_epoch: int
     trial_dir: str
-    warm_start: str | None = None  # best weights of the Hyperband round this trial continues
+    warm_start: str | None = None  # best weights (file or models:/ URI) of the Hyperband round this trial continues
     progress: str = "off"  # how epochs are shown: tty, plain or off
     label: str = ""  # "trial i/N", for the epoch line
 
@@ -172,7 +172,9 @@ def _arrays(config: dict[str, Any], plan: Plan) -> tuple[np.ndarray, ...]:
 def _build(spec: Spec, n_classes: int) -> Any:
     """The model, continuing from the previous Hyperband round's weights when there is one."""
     model = models.build(spec.config, n_classes)
-    if spec.warm_start:
+    if spec.warm_start and spec.warm_start.startswith("models:/"):  # that round ran on another machine
+        model.set_weights(mlflow.keras.load_model(spec.warm_start).get_weights())
+    elif spec.warm_start:
         model.load_weights(spec.warm_start)
     return model
 

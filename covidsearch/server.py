@@ -1,0 +1,140 @@
+"""`covidsearch server`: one MLflow tracking server for a team and its distributed searches.
+
+Runs live in a database (SQLite, or PostgreSQL for many writers); artifacts are uploaded and
+downloaded through the server (--serve-artifacts), so chiefs and workers need no access to where
+they are kept (a directory on the server, or s3:// such as MinIO).
+"""
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import tracking
+
+DEFAULT_DIR = tracking.STORE_DIR / "server"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ANY = ("0.0.0.0", "::")
+
+
+class ServerError(RuntimeError):
+    """The tracking server cannot start; shown as a one-line error."""
+
+
+@dataclass
+class Config:
+    """What `mlflow server` is started with."""
+
+    backend_store_uri: str
+    artifacts_destination: str
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int | None = None
+    allowed_hosts: str | None = None
+
+    @classmethod
+    def make(cls, backend_store_uri: str | None = None, artifacts_destination: str | None = None,
+             host: str = "127.0.0.1", port: int = 5000, workers: int | None = None,
+             allowed_hosts: str | None = None) -> Config:
+        """Defaults under ./mlruns/server, apart from the local store so no experiment there points at a local path."""
+        return cls(_with_driver(backend_store_uri or f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"),
+                   artifacts_destination or str((DEFAULT_DIR / "artifacts").resolve()), host, port, workers,
+                   allowed_hosts or _allowed_hosts(host))
+
+    @property
+    def uri(self) -> str:
+        """The --tracking-uri clients pass: this machine's name when bound to every interface."""
+        return f"http://{_bracketed(socket.gethostname() if self.host in ANY else self.host)}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{_bracketed('127.0.0.1' if self.host in ANY else self.host)}:{self.port}/health"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
+               "--serve-artifacts", "--artifacts-destination", self.artifacts_destination,
+               "--host", self.host, "--port", str(self.port)]
+        cmd += ["--workers", str(self.workers)] if self.workers else []
+        return cmd + (["--allowed-hosts", self.allowed_hosts] if self.allowed_hosts else [])
+
+
+def _with_driver(uri: str) -> str:
+    """postgresql:// through psycopg2, the driver the postgres extra installs (SQLAlchemy 2.1 would pick psycopg 3)."""
+    scheme, _, rest = uri.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else uri
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _allowed_hosts(host: str) -> str | None:
+    """Beyond loopback, MLflow's default Host headers (localhost, private IPs) plus the name `uri` prints."""
+    if host in LOOPBACK:
+        return None
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    name = socket.gethostname() if host in ANY else host
+    return ",".join([*get_default_allowed_hosts(), name, f"{name}:*"])
+
+
+def check(config: Config) -> None:
+    """Refuse at once what would make `mlflow server` die with a traceback: a taken port, a missing driver."""
+    scheme, _, driver = config.backend_store_uri.split(":", 1)[0].partition("+")
+    if scheme == "postgresql" and importlib.util.find_spec(driver) is None:
+        raise ServerError(f"a PostgreSQL store needs its driver {driver}: pip install 'covidsearch[postgres]'")
+    if config.artifacts_destination.startswith("s3://") and importlib.util.find_spec("boto3") is None:
+        raise ServerError("s3:// artifacts need boto3: pip install 'covidsearch[s3]'")
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as err:
+            raise ServerError(f"cannot listen on {config.host}:{config.port}: {err.strerror}; pick another --port "
+                              "or --host") from None
+    if scheme == "sqlite":
+        Path(config.backend_store_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def serve(config: Config, ready: Callable[[str], None], timeout: float = 300.0) -> int:
+    """Run the server until it stops or is stopped (Ctrl-C, SIGTERM); call `ready` with its URI once it
+    answers /health."""
+    check(config)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` stops it as Ctrl-C does
+    proc = subprocess.Popen(config.command())
+    try:
+        _wait_healthy(proc, config.health_url, timeout)
+        ready(config.uri)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until /health answers OK; the server's own output (above) says why when it exits first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise ServerError(f"the MLflow server did not answer {url} within {timeout:.0f} s")
+        time.sleep(1)
+    raise ServerError(f"the MLflow server exited (code {proc.returncode}) before answering /health: see its output "
+                      "above")
