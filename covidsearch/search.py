@@ -230,6 +230,18 @@ class Tuner(base_tuner.BaseTuner):
         self.baseline_values = space.defaults()
         if not self.oracle.get_space().space:  # a worker's oracle is the chief's, over gRPC
             self.oracle.update_space(space.hyperparameters())
+        self._asked_in_vain = False
+
+    def pre_create_trial(self) -> None:
+        """A worker whose last ask got no trial (Hyperband waits for other workers to end a round) asks again a
+        second later, instead of Keras Tuner's tight loop of gRPC calls that would busy the chief and the CPUs."""
+        if self._asked_in_vain:
+            time.sleep(1)
+        self._asked_in_vain = True
+
+    def on_trial_begin(self, kt_trial: kt.engine.trial.Trial) -> None:
+        self._asked_in_vain = False
+        super().on_trial_begin(kt_trial)
 
     def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         values = dict(kt_trial.hyperparameters.values)

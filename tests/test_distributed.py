@@ -44,12 +44,27 @@ def _backend_store(backend: str, tmp: Path) -> str:
     return uri
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_what_is_left() -> Iterator[None]:
+    """A failed test leaves no chief waiting for workers (or server) behind."""
+    yield
+    for proc in _STARTED:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _start(log: Path, *args: str, cwd: Path) -> subprocess.Popen:
     """A covidsearch command in its own directory and process group; its output goes to log.out/log.err."""
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "covidsearch.cli", *args], cwd=cwd, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "covidsearch.cli", *args], cwd=cwd, text=True,
                             stdout=open(log.with_suffix(".out"), "w"), stderr=open(log.with_suffix(".err"), "w"),
                             start_new_session=True)
+    _STARTED.append(proc)
+    return proc
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> str:
@@ -158,7 +173,7 @@ def test_a_worker_on_other_images_or_after_the_end_is_turned_away_in_one_line(di
     assert late.stderr.strip().splitlines()[-1].startswith("covidsearch: error: no distributed search is running")
 
 
-def test_a_hyperband_round_run_elsewhere_continues_from_the_model_in_mlflow(distributed_search, tmp_path):
+def test_a_trial_can_start_from_the_weights_of_a_model_in_mlflow(distributed_search, tmp_path):
     client, search = distributed_search["client"], distributed_search["search"]
     model_id = tracking.trial_model(client, distributed_search["experiment_id"], search.info.run_id, "0")
     assert model_id is not None
@@ -199,6 +214,39 @@ def test_a_killed_worker_restarted_with_its_id_resumes_its_trial(tracking_server
     assert sorted(finished) == ["0", "1"] and len(killed) == 1 and killed[0] in finished
     assert "RUNNING" not in {t.info.status for t in trials}
     assert [s.info.status for s in _runs(client, experiment, "tags.covidsearch_kind = 'search'")] == ["FINISHED"]
+
+
+@pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
+def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker_gets_it(tracking_server, xray_dir,
+                                                                                        tmp_path):
+    client, experiment = MlflowClient(tracking_server), f"hyperband-{uuid.uuid4().hex[:8]}"
+    args = ["--data", str(xray_dir), *SMALL, "--tuner", "hyperband", "--max-trials", "5", "--max-epochs", "3",
+            "--tracking-uri", tracking_server, "--experiment", experiment, "--oracle", f"127.0.0.1:{_free_port()}"]
+    chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
+    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
+              chief, tmp_path / "chief")
+    workers = {name: _start(tmp_path / name, "worker", *args, "--worker-id", name, cwd=tmp_path / name)
+               for name in ("worker-a", "worker-b")}
+    for name, proc in workers.items():
+        _finish(proc, tmp_path / name)
+    _finish(chief, tmp_path / "chief")
+
+    trials = _runs(client, experiment, "tags.covidsearch_kind = 'trial'")
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    continued = [t for t in trials if "warm_start" in t.data.tags]
+    assert continued, "no second Hyperband round in 5 trials"
+    for run in continued:
+        (previous,) = [t for t in trials if t.data.params == run.data.params
+                       and t.data.metrics["epochs_trained"] < run.data.metrics["epochs_trained"]]
+        first_epoch = client.get_metric_history(run.info.run_id, "val_loss")[0].step
+        assert first_epoch == previous.data.metrics["epochs_trained"]  # it goes on where that round stopped
+        previous_id = previous.data.tags["covidsearch_trial_id"]
+        if run.data.tags["covidsearch_worker_id"] == previous.data.tags["covidsearch_worker_id"]:
+            assert run.data.tags["warm_start"].endswith(f"trial_{previous_id}/best.weights.h5")
+        else:  # that round ran on the other worker, whose disk this one cannot read
+            search_id = run.data.tags["mlflow.parentRunId"]
+            model_id = tracking.trial_model(client, _experiment(client, experiment), search_id, previous_id)
+            assert run.data.tags["warm_start"] == f"models:/{model_id}"
 
 
 def test_a_worker_id_with_the_word_chief_is_refused():
