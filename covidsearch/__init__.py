@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the search process must not hold 75% of a GPU
 
 __version__ = "0.1.0"
 

@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help="dataset root (tutorial or Kaggle layout)")
     _search_options(run)
     run.add_argument("--max-failures", type=int, default=3, help="stop after this many failed trials in a row")
+    run.add_argument("--workers-per-gpu", type=int, default=1, metavar="N",
+                     help="run N trials at once sharing the device, each with 1/N of its memory (small models)")
     resume = run.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_const", const="required", dest="resume", default="auto",
                         help="continue the unfinished search with these settings (the default when there is one)")
@@ -143,7 +145,10 @@ def _options(args: argparse.Namespace, **more) -> search.Options:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import search
 
-    result = search.run(_options(args, resume=args.resume, max_consecutive_failed_trials=args.max_failures))
+    if args.workers_per_gpu < 1:
+        raise search.SearchError("--workers-per-gpu must be at least 1")
+    result = search.run(_options(args, resume=args.resume, max_consecutive_failed_trials=args.max_failures,
+                                 workers_per_gpu=args.workers_per_gpu))
     _print_leaderboard(args, result.search_run_id)
     return 0
 

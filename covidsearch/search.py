@@ -9,14 +9,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import multiprocessing
-import signal
+import queue
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,6 +59,7 @@ class Options:
     resume: str = "auto"  # auto: continue an unfinished identical search; never; required
     max_consecutive_failed_trials: int = 3
     trials_per_worker: int = 1
+    workers_per_gpu: int = 1  # trials run at once in this process's search, sharing the device
     progress: str = "plain"  # tty, plain or off (see progress.mode_for)
     oracle: str | None = None  # HOST:PORT: `run` serves the oracle there (the chief), `work` asks it for trials
     worker_id: str | None = None  # a worker's Keras Tuner id (default: the host name)
@@ -148,27 +151,25 @@ def _maximise(objective: str) -> bool:
 
 
 class Workers:
-    """Runs each trial in a spawned worker process; the next worker starts (and imports Keras)
-    while the current trial trains, so a fresh process per trial costs no waiting."""
+    """Runs each trial in a spawned worker process; the next worker starts (imports Keras, opens the
+    device) while the current trial trains, so a fresh process per trial hides its start-up where
+    a core is free. `device_share` bounds the GPU memory of each of its processes."""
 
-    def __init__(self, trials_per_worker: int = 1):
-        self.trials_per_worker = trials_per_worker
-        self._context = multiprocessing.get_context("spawn")
-        self._current: tuple[Any, Any] | None = None  # (process, connection) with trials left
+    def __init__(self, trials_per_worker: int = 1, device_share: float = 1.0):
+        self.trials_per_worker, self.device_share = trials_per_worker, device_share
+        self._current: tuple[subprocess.Popen, Connection] | None = None  # with trials left
         self._left = 0
-        self._standby: tuple[Any, Any] | None = None
+        self._standby: tuple[subprocess.Popen, Connection] | None = None
 
-    def _spawn(self) -> tuple[Any, Any]:
-        """Start a worker that ignores Ctrl-C: the search process decides what an interrupt ends."""
-        parent_end, child_end = self._context.Pipe()
-        process = self._context.Process(target=trial.serve, args=(child_end, self.trials_per_worker))
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child
-        try:
-            process.start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        child_end.close()
-        return process, parent_end
+    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+        """Start a worker in a session of its own: Ctrl-C at the terminal reaches only the search process,
+        which decides what an interrupt ends (and kills the workers)."""
+        ours, theirs = socket.socketpair()
+        command = [sys.executable, "-c", "import sys; from covidsearch.trial import serve_fd; serve_fd(*sys.argv[1:])",
+                   str(theirs.fileno()), str(self.trials_per_worker), str(self.device_share)]
+        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
+        theirs.close()
+        return process, Connection(ours.detach())
 
     def run(self, spec: trial.Spec, plan: trial.Plan) -> dict[str, float]:
         """Run one trial in a worker; a worker that dies becomes a failed trial, not a failed search."""
@@ -182,9 +183,8 @@ class Workers:
             conn.send((spec, plan))
             ok, payload = conn.recv()
         except (EOFError, OSError, BrokenPipeError):
-            process.join(5)
             self._current, self._left = None, 0
-            raise trial.TrialFailed(f"the worker process died (exit code {process.exitcode}: killed, or out of "
+            raise trial.TrialFailed(f"the worker process died (exit code {_wait(process)}: killed, or out of "
                                     "memory)") from None
         if self._left == 0:
             self._retire()
@@ -205,13 +205,19 @@ class Workers:
             self._standby = None
 
 
-def _stop(process: Any, conn: Any) -> None:
+def _stop(process: subprocess.Popen, conn: Connection) -> None:
     """Close a worker's pipe (an idle worker then exits by itself); kill it if it does not."""
     conn.close()
-    process.join(5)
-    if process.is_alive():
+    if _wait(process) is None:
         process.kill()
-        process.join()
+        process.wait()
+
+
+def _wait(process: subprocess.Popen, seconds: float = 5) -> int | None:
+    try:
+        return process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 # ---------------------------------------------------------------- tuner
@@ -221,12 +227,16 @@ class Tuner(base_tuner.BaseTuner):
     """Keras Tuner's trial loop; each trial becomes a worker-process run and an MLflow child run."""
 
     def __init__(self, oracle: kt.Oracle, space: spaces.Space, plan: trial.Plan, max_epochs: int,
-                 client: Any, experiment_id: str, search_run_id: str, workers: Workers, directory: str,
+                 client: Any, experiment_id: str, search_run_id: str, workers: list[Workers], directory: str,
                  project_name: str, progress: Progress):
         super().__init__(oracle, hypermodel=None, directory=directory, project_name=project_name)
         self.space, self.plan, self.max_epochs = space, plan, max_epochs
         self.client, self.experiment_id, self.search_run_id = client, experiment_id, search_run_id
-        self.workers, self.progress = workers, progress
+        self.progress = progress
+        self._free: queue.Queue[Workers] = queue.Queue()  # one per trial that may run at once
+        for slot in workers:
+            self._free.put(slot)
+        self._saving = threading.Lock()
         self.baseline_values = space.defaults()
         if not self.oracle.get_space().space:  # a worker's oracle is the chief's, over gRPC
             self.oracle.update_space(space.hyperparameters())
@@ -242,6 +252,42 @@ class Tuner(base_tuner.BaseTuner):
     def on_trial_begin(self, kt_trial: kt.engine.trial.Trial) -> None:
         self._asked_in_vain = False
         super().on_trial_begin(kt_trial)
+
+    def save(self) -> None:
+        with self._saving:  # trials that end at once must not write the oracle's state file together
+            super().save()
+
+    def search_in_parallel(self, n: int) -> None:
+        """n trials at a time: n threads, each a Keras Tuner tuner id asking the one (thread-safe) oracle."""
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def loop(tuner_id: str) -> None:
+            try:
+                while not stop.is_set():
+                    kt_trial = self.oracle.create_trial(tuner_id)
+                    if kt_trial.status == kt.engine.trial.TrialStatus.STOPPED:
+                        return
+                    if kt_trial.status == kt.engine.trial.TrialStatus.IDLE:  # a Hyperband round is finishing
+                        time.sleep(1)
+                        continue
+                    self.on_trial_begin(kt_trial)
+                    self._try_run_and_update_trial(kt_trial)
+                    self.on_trial_end(kt_trial)
+            except BaseException as err:  # re-raised in the search's own thread below
+                failures.append(err)
+                stop.set()
+
+        threads = [threading.Thread(target=loop, args=(f"tuner{i}",), daemon=True) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        finally:
+            stop.set()
+        if failures:
+            raise failures[0]
 
     def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         values = dict(kt_trial.hyperparameters.values)
@@ -259,13 +305,16 @@ class Tuner(base_tuner.BaseTuner):
                           warm_start=warm_start, progress=self.progress.mode, label=self.progress.trial_label(index))
         objective = self.oracle.objective.name
         started = time.perf_counter()
+        slot = self._free.get()
         try:
-            result = self.workers.run(spec, self.plan)
+            result = slot.run(spec, self.plan)
         except trial.TrialFailed as err:
             if self.client.get_run(run_id).info.status == "RUNNING":
                 tracking.end_run(self.client, run_id, "FAILED", str(err))
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {err}", _maximise(objective))
             raise kt.errors.FailedTrialError(str(err)) from None
+        finally:
+            self._free.put(slot)
         self.record_best()
         text = (f"{objective} {result[objective]:.4f}{' (baseline)' if is_baseline else ''} in "
                 f"{time.perf_counter() - started:.0f} s: " + _shown(values))
@@ -364,7 +413,12 @@ def _prepare(opts: Options, create: bool = True) -> _Setup:
                   progress)
 
 
-def _tuner(s: _Setup, opts: Options, search_run_id: str, workers: Workers, directory: Path,
+def _close(workers: list[Workers]) -> None:
+    for slot in workers:
+        slot.close()
+
+
+def _tuner(s: _Setup, opts: Options, search_run_id: str, workers: list[Workers], directory: Path,
            project_name: str) -> Tuner:
     """The Keras Tuner tuner of this process: the oracle's own (local, chief) or the chief's over gRPC (worker)."""
     max_trials, max_epochs = s.settings["max_trials"], s.settings["max_epochs"]
@@ -402,16 +456,18 @@ def run(opts: Options) -> Result:
     client.set_tag(search_run_id, "covidsearch_oracle", opts.oracle or "none")
     progress.say(f"search run {search_run_id} in {s.uri}")
 
-    workers = Workers(opts.trials_per_worker)
+    workers = [Workers(opts.trials_per_worker, 1.0 / opts.workers_per_gpu) for _ in range(opts.workers_per_gpu)]
     tuner = _tuner(s, opts, search_run_id, workers, directory, project_name)
     tuner.save()
     try:
         if opts.oracle:
             distributed.serve(tuner.oracle, opts.oracle, progress)
+        elif opts.workers_per_gpu > 1:
+            tuner.search_in_parallel(opts.workers_per_gpu)
         else:
             tuner.search(verbose=0)
     except KeyboardInterrupt:
-        workers.close()
+        _close(workers)
         tracking.close_orphans(client, experiment_id, search_run_id)
         tracking.end_run(client, search_run_id, "KILLED", "interrupted by the user")
         raise SearchInterrupted(" ".join(["covidsearch", *sys.argv[1:]]) + " --resume") from None
@@ -424,7 +480,7 @@ def run(opts: Options) -> Result:
         raise SearchError(f"search stopped: {opts.max_consecutive_failed_trials} trials in a row failed; "
                           f"last error: {str(err).splitlines()[-1]}") from None
     finally:
-        workers.close()
+        _close(workers)
         lock.close()
     for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
         progress.notice(f"trial run {run_id} was left RUNNING by a worker that was lost: marked KILLED")
@@ -456,19 +512,19 @@ def work(opts: Options) -> WorkerResult:
         s.progress.notice(f"trial run {run_id} was in flight when worker {worker_id} stopped: marked KILLED, "
                           "it runs again")
     s.progress.say(f"worker {worker_id} joins search run {search_run_id} in {s.uri} (oracle at {opts.oracle})")
-    workers = Workers(opts.trials_per_worker)
+    workers = [Workers(opts.trials_per_worker)]
     tuner = _tuner(s, opts, search_run_id, workers, directory, project_name)
     try:
         tuner.search(verbose=0)
     except KeyboardInterrupt:
-        workers.close()
+        _close(workers)
         tracking.close_orphans(s.client, s.experiment_id, search_run_id, worker_id=worker_id)
         raise SearchInterrupted(" ".join(["covidsearch", *sys.argv[1:]])
                                 + ("" if opts.worker_id else f" --worker-id {worker_id}")) from None
     except distributed.RpcError as err:
         raise SearchError(f"the chief at {opts.oracle} failed or went away: {err.details()}") from None
     finally:
-        workers.close()
+        _close(workers)
         lock.close()
     runs = tracking.trial_runs(s.client, s.experiment_id, search_run_id, worker_id=worker_id)
     return WorkerResult(search_run_id, worker_id, sum(r.info.status == "FINISHED" for r in runs))

@@ -15,6 +15,7 @@ import time
 import traceback
 from importlib.metadata import version
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
-from . import data, held_stderr, metrics, models, progress
+from . import data, held_stderr, metrics, models, plots, progress
 
 
 @dataclass
@@ -60,9 +61,18 @@ class TrialFailed(RuntimeError):
     """The trial could not produce a usable model (NaN loss, bad configuration, ...)."""
 
 
-def serve(conn: Any, trials: int) -> None:
+def serve_fd(fd: str, trials: str, device_share: str) -> None:
+    """Entry point of a worker process (see search.Workers): serve trials on the inherited socket."""
+    serve(Connection(int(fd)), int(trials), float(device_share))
+
+
+def serve(conn: Connection, trials: int, device_share: float = 1.0) -> None:
     """Worker process main loop: run up to `trials` trials sent over the pipe, reply (ok, result)."""
     _die_with_parent()
+    # Take GPU memory as needed, up to this worker's share: a standby worker and the trials sharing
+    # a GPU must not each grab JAX's default 75% (TensorFlow: grow on demand).
+    os.environ.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true",
+                      XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 * device_share:.3f}")
     keras.ops.convert_to_tensor(np.zeros(1))  # start the accelerator runtime while still on standby
     for _ in range(trials):
         try:
@@ -120,13 +130,11 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
             client.log_batch(spec.run_id, metrics=_metric_list({f"test_{k}": v for k, v in test.items()}))
             mlflow.log_table(metrics.confusion_table(y_test, test_probs, classes), "confusion_matrix.json")
             _log_model(model, x_test[:2], test_probs[:2])
-            from . import plots
-
             plots.log_trial_figures(model, x_test, y_test, test_probs, classes, history.history, validation.epochs,
                                     spec.initial_epoch)
             mlflow.log_metrics({"epochs_trained": len(losses) + spec.initial_epoch,
                                 "trial_seconds": time.perf_counter() - started,
-                                "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                "worker_peak_rss_mb": _peak_rss_mb(),
                                 **{f"best_{k}": v for k, v in best.items()}})
             return best
         except Exception as err:
@@ -192,6 +200,16 @@ def _requirements() -> list[str]:
     backend = keras.backend.backend()
     reqs.append(f"{backend}=={version(backend)}" if backend != "tensorflow" else f"tensorflow=={version('tensorflow')}")
     return reqs
+
+
+def _peak_rss_mb() -> float:
+    """This worker's own peak memory (ru_maxrss of a spawned child starts at its parent's peak)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _metric_list(values: dict[str, float], step: int = 0) -> list:

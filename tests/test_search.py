@@ -99,3 +99,17 @@ def test_runs_prints_the_leaderboard(finished_search):
     for run in trials:
         assert run.info.run_id in result.stdout
     assert "baseline" in result.stdout and "covid_sens" in result.stdout
+
+
+def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
+    result = cli("run", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "3", "--max-epochs", "1",
+                 "--test-per-class", "8", "--set", "input_size=32", "--workers-per-gpu", "2", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    (search,) = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
+    trials = tracking.trial_runs(client, experiment_id, search.info.run_id)
+    assert sorted(t.data.tags["covidsearch_trial_id"] for t in trials) == ["0", "1", "2"]
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    starts_and_ends = sorted((t.info.start_time, t.info.end_time) for t in trials)
+    assert any(later_start < end for (_, end), (later_start, _) in zip(starts_and_ends, starts_and_ends[1:]))
