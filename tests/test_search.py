@@ -113,3 +113,27 @@ def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
     assert {t.info.status for t in trials} == {"FINISHED"}
     starts_and_ends = sorted((t.info.start_time, t.info.end_time) for t in trials)
     assert any(later_start < end for (_, end), (later_start, _) in zip(starts_and_ends, starts_and_ends[1:]))
+
+
+def test_the_whole_flow_runs_on_the_jax_backend(xray_dir, workdir):
+    jax = {"KERAS_BACKEND": "jax"}
+    ran = cli("run", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "1", "--max-epochs", "1",
+              "--test-per-class", "8", "--set", "input_size=32", "--quiet", cwd=workdir, env=jax)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    (search,) = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
+    assert search.data.tags["keras_backend"] == "jax"
+    (only,) = tracking.trial_runs(client, experiment_id, search.info.run_id)
+    assert only.info.status == "FINISHED" and "test_sensitivity_covid_19" in only.data.metrics
+
+    assert only.info.run_id in cli("runs", cwd=workdir, env=jax).stdout
+    promoted = cli("promote", only.info.run_id, cwd=workdir, env=jax)
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    evaluated = cli("evaluate", "models:/covid-cxr@champion", "--data", str(xray_dir), cwd=workdir, env=jax)
+    assert evaluated.returncode == 0 and "accuracy" in evaluated.stdout, evaluated.stderr[-2000:]
+    image = next((xray_dir / "COVID-19").iterdir())
+    predicted = cli("predict", "models:/covid-cxr@champion", str(image), "--format", "json", cwd=workdir, env=jax)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    (row,) = json.loads(predicted.stdout)
+    assert row["predicted"] in ("COVID-19", "Normal", "Viral Pneumonia")
