@@ -202,6 +202,7 @@ def main() -> None:
                         "jitted_limit_images_per_s": limit, "fraction_of_limit": ours / limit, "target": 0.95}
         print(f"(a) trial path {ours:.0f} img/s, jitted limit {limit:.0f} img/s: {ours / limit:.1%} of the limit "
               "(target >= 95%)", flush=True)
+        Path(args.out).write_text(json.dumps(figures, indent=1))  # kept if a later part runs out of time
         small = work / "small"
         make_data(small, 167 if not quick else 30, 64)
         one = convnet_search(work, small, trials, 1, 3, "one")

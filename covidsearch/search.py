@@ -140,6 +140,7 @@ def make_oracle(tuner: str, objective: str, max_trials: int, max_epochs: int, se
     else:
         raise SearchError(f"unknown tuner {tuner!r}: use {', '.join(TUNERS)}")
     oracle.baseline = baseline
+    oracle.verbose = 0  # covidsearch shows its own progress; Keras Tuner's trial tables would repeat it
     return oracle
 
 

@@ -102,6 +102,7 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
         try:
             keras.utils.set_random_seed(plan.seed + int(spec.trial_id))
             _set_precision(plan.precision)
+            _share_compilations(plan.cache_dir)
             x_train, y_train, x_val, y_val, x_test, y_test = _arrays(spec.config, plan)
             classes = plan.dataset.classes
             model = _build(spec, len(classes))
@@ -149,6 +150,13 @@ def _set_precision(precision: str) -> None:
     if precision == "auto":
         precision = "mixed" if _bfloat16_gpu() else "float32"
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "mixed" else "float32")
+
+
+def _share_compilations(cache_dir: str) -> None:
+    """On JAX, keep compiled train steps on disk: the next trial's fresh worker process reuses them."""
+    if keras.backend.backend() == "jax":
+        import jax
+        jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / "jax-compilations"))
 
 
 def _bfloat16_gpu() -> bool:
