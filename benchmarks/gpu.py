@@ -187,8 +187,8 @@ def main() -> None:
     args = p.parse_args()
     device = accelerator()
     quick = args.quick or not device.startswith("gpu")
-    size, batch, per_class, epochs = (96, 16, 24, 3) if quick else (256, 64, 700, 4)
-    trials, workers = (3, 2) if quick else (16, args.workers)
+    size, batch, per_class, epochs = (75, 8, 16, 2) if quick else (256, 64, 700, 4)
+    trials, workers = (2, 2) if quick else (16, args.workers)
     figures = {"device": device, "mode": "reduced (CPU)" if quick else "full", "backend": keras.backend.backend(),
                "python": platform.python_version(),
                **{f"version.{p}": version(p) for p in ("keras", "keras-tuner", "mlflow-skinny", "numpy")}}
@@ -204,9 +204,9 @@ def main() -> None:
               "(target >= 95%)", flush=True)
         Path(args.out).write_text(json.dumps(figures, indent=1))  # kept if a later part runs out of time
         small = work / "small"
-        make_data(small, 167 if not quick else 30, 64)
-        one = convnet_search(work, small, trials, 1, 3, "one")
-        many = convnet_search(work, small, trials, workers, 3, "many")
+        make_data(small, 167 if not quick else 24, 64)
+        one = convnet_search(work, small, trials, 1, epochs, "one")
+        many = convnet_search(work, small, trials, workers, epochs, "many")
         overhead = statistics.median(one["overhead_s"])
         figures["b"] = {"median_overhead_s": overhead, "per_trial_s": one["overhead_s"], "target_s": 2.0}
         figures["c"] = {"one_worker": one, "n_workers": many, "speedup": many["trials_per_hour"] /
