@@ -147,6 +147,7 @@ def test_parallel_coordinates_show_every_kind_of_hyperparameter(tmp_path):
     keep([path], "parallel")
 
 
+@pytest.mark.slow
 def test_gradcam_on_the_other_backend():
     """This file's other tests in a fresh process on the other Keras backend (fixed when keras is imported)."""
     other = OTHER_BACKEND[keras.backend.backend()]

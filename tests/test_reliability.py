@@ -160,6 +160,7 @@ def _busy(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_two_searches_on_one_store_at_once_both_finish(xray_dir, workdir):
     args = ["--data", str(xray_dir), "--max-trials", "2", "--max-epochs", "1", "--tuner", "random",
             "--test-per-class", "8", "--set", "input_size=32", "--quiet"]
