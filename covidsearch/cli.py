@@ -19,8 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except search.SearchInterrupted as stop:
-        print(f"\ninterrupted: the trial in flight is recorded as KILLED. Resume with:\n  {stop.command}",
-              file=sys.stderr)
+        print(f"\ninterrupted: {stop.note}. Resume with:\n  {stop.command}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except known as err:
         print(f"covidsearch: error: {err}", file=sys.stderr)

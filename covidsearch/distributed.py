@@ -38,6 +38,7 @@ def check_listen(where: str) -> None:
     """Before anything is recorded: the chief can listen at `where` (not taken, an address of this machine)."""
     host, port = address(where)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a restarted chief's old connections
         try:
             probe.bind((host.strip("[]"), port))
         except OSError as err:

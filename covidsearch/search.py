@@ -113,15 +113,33 @@ class _BaselineFirst:
         return super()._random_values()
 
 
-class RandomOracle(_BaselineFirst, kt.oracles.RandomSearchOracle):
+class _KeepsWorkersTrials:
+    """Oracle mixin: a restarted chief keeps each worker's trial for that worker id. Keras Tuner would queue it
+    for any worker, and the worker still training it would then record it a second time."""
+
+    keep_workers_trials = False  # set on the chief of a distributed search
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._held = dict(self.ongoing_trials)
+
+    def reload(self) -> None:
+        super().reload()
+        if self.keep_workers_trials:
+            self.ongoing_trials = self._held
+            held = {held_trial.trial_id for held_trial in self._held.values()}
+            self._retry_queue = [trial_id for trial_id in self._retry_queue if trial_id not in held]
+
+
+class RandomOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.RandomSearchOracle):
     """Random search, tutorial first."""
 
 
-class BayesianOracle(_BaselineFirst, kt.oracles.BayesianOptimizationOracle):
+class BayesianOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.BayesianOptimizationOracle):
     """Gaussian-process Bayesian optimisation, tutorial first."""
 
 
-class HyperbandOracle(_BaselineFirst, kt.oracles.HyperbandOracle):
+class HyperbandOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.HyperbandOracle):
     """Hyperband, tutorial first."""
 
 
@@ -296,10 +314,12 @@ class Tuner(base_tuner.BaseTuner):
         config = self.space.config(values)
         is_baseline = {k: v for k, v in values.items() if not k.startswith("tuner/")} == self.baseline_values
         warm_start, initial_epoch = self._warm_start(values)
-        run_id = tracking.create_run(self.client, self.experiment_id, f"trial-{kt_trial.trial_id}", {
-            "covidsearch_kind": "trial", "covidsearch_trial_id": kt_trial.trial_id, "covidsearch_worker_id": self.tuner_id,
-            "baseline": str(is_baseline).lower(), **({"warm_start": warm_start or "none"} if "tuner/trial_id" in values
-                                                      else {})}, parent_id=self.search_run_id)
+        tags = {"covidsearch_kind": "trial", "covidsearch_trial_id": kt_trial.trial_id,
+                "covidsearch_worker_id": self.tuner_id, "baseline": str(is_baseline).lower()}
+        if "tuner/trial_id" in values:  # a Hyperband round that continues an earlier trial
+            tags["warm_start"] = warm_start or "none"
+        run_id = tracking.create_run(self.client, self.experiment_id, f"trial-{kt_trial.trial_id}", tags,
+                                     parent_id=self.search_run_id)
         self.client.log_batch(run_id, params=_params(config))
         spec = trial.Spec(kt_trial.trial_id, run_id, config, epochs=int(values.get("tuner/epochs", self.max_epochs)),
                           initial_epoch=initial_epoch, trial_dir=self.get_trial_dir(kt_trial.trial_id),
@@ -357,11 +377,11 @@ def _shown(values: dict[str, Any]) -> str:
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C: the trial in flight is recorded as KILLED; `command` resumes the search."""
+    """Ctrl-C: `note` says what became of the trials in flight; `command` resumes the search."""
 
-    def __init__(self, command: str):
+    def __init__(self, command: str, note: str = "the trial in flight is recorded as KILLED"):
         super().__init__(command)
-        self.command = command
+        self.command, self.note = command, note
 
 
 @dataclass
@@ -427,6 +447,7 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, workers: list[Workers],
     max_trials, max_epochs = s.settings["max_trials"], s.settings["max_epochs"]
     oracle = make_oracle(s.settings["tuner"], s.settings["objective"], max_trials, max_epochs, opts.seed,
                          opts.baseline, opts.max_consecutive_failed_trials)
+    oracle.keep_workers_trials = bool(opts.oracle)  # read when the tuner reloads a resumed chief's oracle
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, s.experiment_id, search_run_id, workers,
                   str(directory), project_name, s.progress)
     tuner.oracle.max_trials = max_trials
@@ -447,8 +468,10 @@ def run(opts: Options) -> Result:
         search_run_id = state["search_run_id"]
         tracking.get_run(client, search_run_id)
         client.update_run(search_run_id, "RUNNING")
-        for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
-            progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs again")
+        if not opts.oracle:  # a chief's trials may still be training on their workers; a restarted one closes its own
+            for run_id in tracking.close_orphans(client, experiment_id, search_run_id):
+                progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs "
+                                "again")
         progress.notice(f"resuming search {search_run_id}")
     else:
         search_run_id = tracking.create_run(client, experiment_id, f"search-{s.space.path.stem}",
@@ -471,9 +494,12 @@ def run(opts: Options) -> Result:
             tuner.search(verbose=0)
     except KeyboardInterrupt:
         _close(workers)
-        tracking.close_orphans(client, experiment_id, search_run_id)
+        command = " ".join(["covidsearch", *sys.argv[1:]]) + " --resume"
         tracking.end_run(client, search_run_id, "KILLED", "interrupted by the user")
-        raise SearchInterrupted(" ".join(["covidsearch", *sys.argv[1:]]) + " --resume") from None
+        if opts.oracle:
+            raise SearchInterrupted(command, "the workers keep training their trials and wait for the chief") from None
+        tracking.close_orphans(client, experiment_id, search_run_id)
+        raise SearchInterrupted(command) from None
     except RuntimeError as err:
         if "consecutive failures" not in str(err):
             raise

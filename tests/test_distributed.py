@@ -217,6 +217,30 @@ def test_a_killed_worker_restarted_with_its_id_resumes_its_trial(tracking_server
 
 
 @pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
+def test_a_restarted_chief_resumes_the_search_and_its_workers_carry_on(tracking_server, xray_dir, tmp_path):
+    client, experiment = MlflowClient(tracking_server), f"restart-{uuid.uuid4().hex[:8]}"
+    args = ["--data", str(xray_dir), *SMALL, "--max-trials", "3", "--tracking-uri", tracking_server,
+            "--experiment", experiment, "--oracle", f"127.0.0.1:{_free_port()}"]
+    chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
+    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
+              chief, tmp_path / "chief")
+    worker = _start(tmp_path / "worker", "worker", *args, "--worker-id", "worker-a", cwd=tmp_path / "worker-a")
+    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'trial' and attributes.status = 'RUNNING'"),
+              worker, tmp_path / "worker")
+    os.killpg(chief.pid, signal.SIGKILL)  # the chief's machine goes down while the worker trains
+    chief.wait()
+
+    again = _start(tmp_path / "again", "run", *args, cwd=tmp_path / "chief")
+    _finish(worker, tmp_path / "worker")
+    _finish(again, tmp_path / "again")
+    assert "resuming search" in (tmp_path / "again.err").read_text()
+    trials = _runs(client, experiment, "tags.covidsearch_kind = 'trial'")
+    assert sorted(t.data.tags["covidsearch_trial_id"] for t in trials) == ["0", "1", "2"]  # none run twice
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert [s.info.status for s in _runs(client, experiment, "tags.covidsearch_kind = 'search'")] == ["FINISHED"]
+
+
+@pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
 def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker_gets_it(tracking_server, xray_dir,
                                                                                         tmp_path):
     client, experiment = MlflowClient(tracking_server), f"hyperband-{uuid.uuid4().hex[:8]}"
