@@ -83,7 +83,7 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 600
         time.sleep(1)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def tracking_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`covidsearch server` on a free port of 127.0.0.1, on each database backend; yields the URI it prints."""
     tmp = tmp_path_factory.mktemp(f"server-{request.param}")
@@ -188,6 +188,7 @@ def test_a_trial_can_start_from_the_weights_of_a_model_in_mlflow(distributed_sea
         np.testing.assert_array_equal(mine, theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
 def test_a_killed_worker_restarted_with_its_id_resumes_its_trial(tracking_server, xray_dir, tmp_path):
     client, experiment = MlflowClient(tracking_server), f"kill-{uuid.uuid4().hex[:8]}"
@@ -216,6 +217,7 @@ def test_a_killed_worker_restarted_with_its_id_resumes_its_trial(tracking_server
     assert [s.info.status for s in _runs(client, experiment, "tags.covidsearch_kind = 'search'")] == ["FINISHED"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
 def test_a_restarted_chief_resumes_the_search_and_its_workers_carry_on(tracking_server, xray_dir, tmp_path):
     client, experiment = MlflowClient(tracking_server), f"restart-{uuid.uuid4().hex[:8]}"
@@ -240,6 +242,7 @@ def test_a_restarted_chief_resumes_the_search_and_its_workers_carry_on(tracking_
     assert [s.info.status for s in _runs(client, experiment, "tags.covidsearch_kind = 'search'")] == ["FINISHED"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracking_server", ["sqlite"], indirect=True)
 def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker_gets_it(tracking_server, xray_dir,
                                                                                         tmp_path):
