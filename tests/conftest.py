@@ -35,3 +35,14 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | Non
     clean = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow sets it in-process
     return subprocess.run([sys.executable, "-m", "covidsearch.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**clean, **(env or {})})
+
+
+def small_search(work: Path, data: Path):
+    """A finished 2-trial vanilla search through the CLI into `work`'s own store: (client, experiment id, output)."""
+    from mlflow.tracking import MlflowClient
+
+    result = cli("run", "--space", "vanilla", "--data", str(data), "--tuner", "random", "--max-trials", "2",
+                 "--max-epochs", "2", "--test-per-class", "8", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("covidsearch").experiment_id, result.stdout

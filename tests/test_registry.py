@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import cli
+from conftest import cli, small_search
 from covidsearch import registry, tracking
 from covidsearch.cli import main
 
@@ -20,12 +20,8 @@ CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
 def store(xray_dir, tmp_path_factory):
     """A finished 2-trial search in a private store: its trials, best first, are what gets promoted."""
     work = tmp_path_factory.mktemp("registry")
-    result = cli("run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "2",
-                 "--max-epochs", "2", "--test-per-class", "8", cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
-    uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    client, experiment_id, _ = small_search(work, xray_dir)
+    uri = client.tracking_uri
     search = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")[0]
     best, other = (row["run_id"] for row in tracking.leaderboard(client, experiment_id, search.info.run_id))
     return SimpleNamespace(work=work, uri=uri, client=client, experiment_id=experiment_id, search=search,

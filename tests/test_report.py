@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import cli
+from conftest import cli, small_search
 from covidsearch import report
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -25,9 +25,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def reported(xray_dir, tmp_path_factory):
     """A 2-trial search through the CLI, then `covidsearch report` on it (the latest search)."""
     work = tmp_path_factory.mktemp("report")
-    result = cli("run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "2",
-                 "--max-epochs", "2", "--test-per-class", "8", cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
+    small_search(work, xray_dir)
     result = cli("report", "--out", "search-report.html", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")

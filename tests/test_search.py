@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import cli
+from conftest import cli, small_search
 from covidsearch import spaces, tracking
 
 EIGHT = ["test_loss", "test_accuracy", "test_tp", "test_fp", "test_tn", "test_fn", "test_precision", "test_recall"]
@@ -18,13 +18,8 @@ EIGHT = ["test_loss", "test_accuracy", "test_tp", "test_fp", "test_tn", "test_fn
 def finished_search(xray_dir, tmp_path_factory):
     """A 2-trial vanilla search run through the CLI into a private store."""
     work = tmp_path_factory.mktemp("search")
-    result = cli("run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "2",
-                 "--max-epochs", "2", "--test-per-class", "8", cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
-    uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("covidsearch")
-    return work, client, experiment.experiment_id, result.stdout
+    client, experiment_id, stdout = small_search(work, xray_dir)
+    return work, client, experiment_id, stdout
 
 
 def _search_and_trials(client, experiment_id):
