@@ -256,6 +256,7 @@ class Tuner(base_tuner.BaseTuner):
         for slot in workers:
             self._free.put(slot)
         self._saving = threading.Lock()
+        self._thread = threading.local()  # in search_in_parallel, the tuner id each thread asks the oracle with
         self.baseline_values = space.defaults()
         if not self.oracle.get_space().space:  # a worker's oracle is the chief's, over gRPC
             self.oracle.update_space(space.hyperparameters())
@@ -282,6 +283,7 @@ class Tuner(base_tuner.BaseTuner):
         stop = threading.Event()
 
         def loop(tuner_id: str) -> None:
+            self._thread.tuner_id = tuner_id
             try:
                 while not stop.is_set():
                     kt_trial = self.oracle.create_trial(tuner_id)
@@ -315,7 +317,7 @@ class Tuner(base_tuner.BaseTuner):
         is_baseline = {k: v for k, v in values.items() if not k.startswith("tuner/")} == self.baseline_values
         warm_start, initial_epoch = self._warm_start(values)
         tags = {"covidsearch_kind": "trial", "covidsearch_trial_id": kt_trial.trial_id,
-                "covidsearch_worker_id": self.tuner_id, "baseline": str(is_baseline).lower()}
+                "covidsearch_worker_id": getattr(self._thread, "tuner_id", self.tuner_id), "baseline": str(is_baseline).lower()}
         if "tuner/trial_id" in values:  # a Hyperband round that continues an earlier trial
             tags["warm_start"] = warm_start or "none"
         run_id = tracking.create_run(self.client, self.experiment_id, f"trial-{kt_trial.trial_id}", tags,

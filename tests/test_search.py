@@ -106,6 +106,7 @@ def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
     trials = tracking.trial_runs(client, experiment_id, search.info.run_id)
     assert sorted(t.data.tags["covidsearch_trial_id"] for t in trials) == ["0", "1", "2"]
     assert {t.info.status for t in trials} == {"FINISHED"}
+    assert {t.data.tags["covidsearch_worker_id"] for t in trials} == {"tuner0", "tuner1"}  # one id per slot
     starts_and_ends = sorted((t.info.start_time, t.info.end_time) for t in trials)
     assert any(later_start < end for (_, end), (later_start, _) in zip(starts_and_ends, starts_and_ends[1:]))
 
