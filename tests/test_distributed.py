@@ -74,6 +74,18 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> str:
     return log.with_suffix(".out").read_text()
 
 
+def _chief_and_worker_mid_trial(client: MlflowClient, experiment: str, args: list[str], tmp_path: Path,
+                                worker_log: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """A chief, and worker-a once the search run exists; returns when worker-a is training a trial."""
+    chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
+    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
+              chief, tmp_path / "chief")
+    worker = _start(worker_log, "worker", *args, "--worker-id", "worker-a", cwd=tmp_path / "worker-a")
+    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'trial' and attributes.status = 'RUNNING'"),
+              worker, worker_log)
+    return chief, worker
+
+
 def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     """Until predicate() holds; fails at once if the process it waits on has exited."""
     deadline = time.monotonic() + timeout
@@ -195,12 +207,7 @@ def test_a_killed_worker_restarted_with_its_id_resumes_its_trial(tracking_server
     oracle = f"127.0.0.1:{_free_port()}"
     args = ["--data", str(xray_dir), *SMALL, "--max-trials", "2", "--tracking-uri", tracking_server,
             "--experiment", experiment, "--oracle", oracle]
-    chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
-    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
-              chief, tmp_path / "chief")
-    worker = _start(tmp_path / "first", "worker", *args, "--worker-id", "worker-a", cwd=tmp_path / "worker-a")
-    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'trial' and attributes.status = 'RUNNING'"),
-              worker, tmp_path / "first")
+    chief, worker = _chief_and_worker_mid_trial(client, experiment, args, tmp_path, tmp_path / "first")
     os.killpg(worker.pid, signal.SIGKILL)  # the machine is preempted mid-trial
     worker.wait()
 
@@ -223,12 +230,7 @@ def test_a_restarted_chief_resumes_the_search_and_its_workers_carry_on(tracking_
     client, experiment = MlflowClient(tracking_server), f"restart-{uuid.uuid4().hex[:8]}"
     args = ["--data", str(xray_dir), *SMALL, "--max-trials", "3", "--tracking-uri", tracking_server,
             "--experiment", experiment, "--oracle", f"127.0.0.1:{_free_port()}"]
-    chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
-    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
-              chief, tmp_path / "chief")
-    worker = _start(tmp_path / "worker", "worker", *args, "--worker-id", "worker-a", cwd=tmp_path / "worker-a")
-    _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'trial' and attributes.status = 'RUNNING'"),
-              worker, tmp_path / "worker")
+    chief, worker = _chief_and_worker_mid_trial(client, experiment, args, tmp_path, tmp_path / "worker")
     os.killpg(chief.pid, signal.SIGKILL)  # the chief's machine goes down while the worker trains
     chief.wait()
 
