@@ -25,7 +25,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+# The spaces covidsearch ships: covidsearch/experiments/ when installed from a wheel, experiments/ at the top of a
+# source checkout (pyproject.toml maps one onto the other).
+_PACKAGE = Path(__file__).resolve().parent
+BUILT_IN = next((d for d in (_PACKAGE / "experiments", _PACKAGE.parent / "experiments") if d.is_dir()),
+                _PACKAGE / "experiments")
 TYPES = ("choice", "int", "float", "boolean")
 
 
@@ -179,17 +183,19 @@ def _describe(param: Param) -> str:
 
 
 def resolve(name_or_path: str) -> Path:
-    """`--space NAME` means experiments/NAME.toml; anything else is a path."""
+    """`--space NAME` means experiments/NAME.toml, the user's own (in the working directory) before the built-in
+    ones; anything else is a path."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise SpaceError(f"space file not found: {path}")
         return path
-    candidate = EXPERIMENTS / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS.glob("*.toml"))
-        raise SpaceError(f"unknown space {name_or_path!r}; built-in spaces: {', '.join(known)}")
-    return candidate
+    folders = (Path("experiments"), BUILT_IN)
+    for folder in folders:
+        if (folder / f"{name_or_path}.toml").is_file():
+            return folder / f"{name_or_path}.toml"
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.toml")})
+    raise SpaceError(f"unknown space {name_or_path!r}; spaces in experiments/ and built in: {', '.join(known)}")
 
 
 def load(name_or_path: str) -> Space:

@@ -249,7 +249,10 @@ def test_a_restarted_chief_resumes_the_search_and_its_workers_carry_on(tracking_
 def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker_gets_it(tracking_server, xray_dir,
                                                                                         tmp_path):
     client, experiment = MlflowClient(tracking_server), f"hyperband-{uuid.uuid4().hex[:8]}"
-    args = ["--data", str(xray_dir), *SMALL, "--tuner", "hyperband", "--max-trials", "5", "--max-epochs", "3",
+    # With --max-epochs 3 Hyperband runs three 1-epoch trials, then continues the best of them for 3 epochs. A worker
+    # that asks while that round is unfinished gets a trial of the next bracket (two 3-epoch trials) instead, so the
+    # continuation can come as late as the sixth trial, once both brackets are handed out: 6 makes it certain.
+    args = ["--data", str(xray_dir), *SMALL, "--tuner", "hyperband", "--max-trials", "6", "--max-epochs", "3",
             "--tracking-uri", tracking_server, "--experiment", experiment, "--oracle", f"127.0.0.1:{_free_port()}"]
     chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
     _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
@@ -263,7 +266,7 @@ def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker
     trials = _runs(client, experiment, "tags.covidsearch_kind = 'trial'")
     assert {t.info.status for t in trials} == {"FINISHED"}
     continued = [t for t in trials if "warm_start" in t.data.tags]
-    assert continued, "no second Hyperband round in 5 trials"
+    assert continued, "no second Hyperband round in 6 trials"
     for run in continued:
         (previous,) = [t for t in trials if t.data.params == run.data.params
                        and t.data.metrics["epochs_trained"] < run.data.metrics["epochs_trained"]]
