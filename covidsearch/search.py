@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import json
 import queue
 import socket
@@ -180,7 +181,16 @@ class Workers:
         self._left = 0
         self._standby: tuple[subprocess.Popen, Connection] | None = None
 
+    # A worker dies with the *thread* that started it (PR_SET_PDEATHSIG, see trial._die_with_parent), and the
+    # threads of search_in_parallel end one by one, while another may still be using a worker one of them started:
+    # every worker is started from this one thread, which lives as long as the search process.
+    _starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-worker-starter")
+
     def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+        """A worker process, started from the one long-lived starter thread."""
+        return self._starter.submit(self._start).result()
+
+    def _start(self) -> tuple[subprocess.Popen, Connection]:
         """Start a worker in a session of its own: Ctrl-C at the terminal reaches only the search process,
         which decides what an interrupt ends (and kills the workers)."""
         ours, theirs = socket.socketpair()
@@ -372,7 +382,9 @@ def _params(config: dict[str, Any]) -> list:
 
 
 def _shown(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items() if not k.startswith("tuner/"))
+    """A trial's point for the console: floats to 4 significant digits (MLflow keeps them whole)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in values.items() if not k.startswith("tuner/"))
 
 
 # ---------------------------------------------------------------- the search

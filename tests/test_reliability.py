@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import cli
-from covidsearch import tracking
+from covidsearch import search, tracking, trial
 
 SMALL = ["--tuner", "random", "--max-epochs", "2", "--test-per-class", "8", "--set", "input_size=32", "--quiet"]
 
@@ -174,3 +175,36 @@ def test_two_searches_on_one_store_at_once_both_finish(xray_dir, workdir):
     for search in searches:
         trials = tracking.trial_runs(client, experiment_id, search.info.run_id)
         assert sorted(t.info.status for t in trials) == ["FINISHED", "FINISHED"]
+
+
+def test_a_worker_outlives_the_thread_that_started_it(workdir):
+    """`--workers-per-gpu` runs trials from threads that end one by one; a worker one of them started may be
+    serving another's trial, and must not die with it (CI once saw such a trial killed)."""
+    client, experiment_id = tracking.connect()
+    plan = trial.Plan(dataset=None, split=None, class_weights={}, cache_dir=str(workdir),
+                      tracking_uri=client.tracking_uri, objective="val_loss", seed=0)
+
+    def quick_failure(n: int) -> trial.Spec:
+        """A trial whose worker answers at once: its id is not a number, so it fails before loading data."""
+        run_id = tracking.create_run(client, experiment_id, f"trial-{n}", {"covidsearch_kind": "trial"})
+        return trial.Spec(f"not-a-number-{n}", run_id, {}, epochs=1, initial_epoch=0, trial_dir=str(workdir))
+
+    slot, answers = search.Workers(trials_per_worker=2), []
+
+    def first_trial() -> None:
+        try:
+            slot.run(quick_failure(1), plan)
+        except trial.TrialFailed as err:
+            answers.append(str(err))
+
+    thread = threading.Thread(target=first_trial)
+    thread.start()
+    thread.join()
+    time.sleep(1)
+    try:
+        with pytest.raises(trial.TrialFailed) as second:  # the same worker process serves it, from this thread
+            slot.run(quick_failure(2), plan)
+    finally:
+        slot.close()
+    assert answers and answers[0].startswith("ValueError")
+    assert str(second.value).startswith("ValueError"), second.value  # not "the worker process died"
