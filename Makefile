@@ -12,7 +12,7 @@ $(BIN)/covidsearch: pyproject.toml
 demo: $(BIN)/covidsearch  ## 2-trial search on synthetic images, then the leaderboard
 	$(BIN)/covidsearch demo
 
-test: $(BIN)/covidsearch  ## the test suite (CI runs exactly this)
-	$(BIN)/python -m pytest -q
+test: $(BIN)/covidsearch  ## the test suite (CI runs exactly this); a test file per CPU core at a time
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 .PHONY: demo test
