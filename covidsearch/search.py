@@ -141,7 +141,14 @@ class BayesianOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.BayesianOpt
 
 
 class HyperbandOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.HyperbandOracle):
-    """Hyperband, tutorial first."""
+    """Hyperband, tutorial first, trained as the tutorial was (max_epochs, early stopping) and outside the
+    brackets: in the first bracket it would get a few epochs and understate the tutorial it stands for."""
+
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        defaults = self._default_values()
+        if self.baseline and not self._duplicate(defaults):
+            return {"status": "RUNNING", "values": {**defaults, "tuner/epochs": self.max_epochs, "tuner/initial_epoch": 0}}
+        return super().populate_space(trial_id)
 
 
 def make_oracle(tuner: str, objective: str, max_trials: int, max_epochs: int, seed: int, baseline: bool,

@@ -96,6 +96,18 @@ def test_runs_prints_the_leaderboard(finished_search):
     assert "baseline" in result.stdout and "covid_sens" in result.stdout
 
 
+def test_in_a_hyperband_search_the_baseline_trains_as_long_as_the_tutorial(xray_dir, workdir):
+    result = cli("run", "--data", str(xray_dir), "--tuner", "hyperband", "--max-trials", "2", "--max-epochs", "3",
+                 "--test-per-class", "8", "--set", "input_size=32", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    _, (baseline, first_bracket) = _search_and_trials(client, experiment_id)
+    assert baseline.data.tags["baseline"] == "true"
+    assert len(client.get_metric_history(baseline.info.run_id, "val_loss")) == 3  # --max-epochs, as the tutorial
+    assert len(client.get_metric_history(first_bracket.info.run_id, "val_loss")) == 1  # Hyperband's first round
+
+
 def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
     result = cli("run", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "3", "--max-epochs", "1",
                  "--test-per-class", "8", "--set", "input_size=32", "--workers-per-gpu", "2", "--quiet", cwd=workdir)
