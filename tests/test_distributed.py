@@ -251,8 +251,10 @@ def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker
     client, experiment = MlflowClient(tracking_server), f"hyperband-{uuid.uuid4().hex[:8]}"
     # With --max-epochs 3 Hyperband runs three 1-epoch trials, then continues the best of them for 3 epochs. A worker
     # that asks while that round is unfinished gets a trial of the next bracket (two 3-epoch trials) instead, so the
-    # continuation can come as late as the sixth trial, once both brackets are handed out: 6 makes it certain.
+    # continuation can come as late as the sixth trial, once both brackets are handed out: 6 makes it certain
+    # (with no baseline, which would be a seventh, outside the brackets).
     args = ["--data", str(xray_dir), *SMALL, "--tuner", "hyperband", "--max-trials", "6", "--max-epochs", "3",
+            "--no-baseline",
             "--tracking-uri", tracking_server, "--experiment", experiment, "--oracle", f"127.0.0.1:{_free_port()}"]
     chief = _start(tmp_path / "chief", "run", *args, cwd=tmp_path / "chief")
     _wait_for(lambda: _runs(client, experiment, "tags.covidsearch_kind = 'search' and attributes.status = 'RUNNING'"),
