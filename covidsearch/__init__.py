@@ -11,12 +11,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the search process must not hold 75% of a GPU
 
 __version__ = "0.1.0"
+DEFAULT_NAME, DEFAULT_ALIAS = "covid-cxr", "champion"  # the registered model and alias `promote` moves
 
 
 @contextlib.contextmanager
 def held_stderr() -> Iterator[None]:
     """TensorFlow prints C++ start-up lines straight to stderr when it is first imported (in every
-    process, each trial's worker too); hold them back and show them only if the block fails."""
+    process, each trial's worker too); hold them back and show them only if the block fails. The command and
+    the worker processes import the library inside it; importing the package itself loads no Keras, so
+    `covidsearch --help` answers at once."""
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
@@ -30,8 +33,3 @@ def held_stderr() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-with held_stderr():
-    import keras  # noqa: F401,E402
-    import keras_tuner  # noqa: F401,E402

@@ -12,7 +12,10 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from . import data, models, registry, search, server, spaces, tracking
+    from . import held_stderr
+
+    with held_stderr():
+        from . import data, models, registry, search, server, spaces, tracking
 
     known = (data.DataError, spaces.SpaceError, tracking.StoreError, search.SearchError, models.WeightsError,
              registry.RegistryError, server.ServerError)
@@ -186,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _registry_commands(sub: argparse._SubParsersAction) -> None:
     """promote, evaluate and predict: the model registry and what comes after a search."""
-    from .registry import DEFAULT_ALIAS, DEFAULT_NAME
+    from . import DEFAULT_ALIAS, DEFAULT_NAME
 
     promote = sub.add_parser(
         "promote", help="register a trial's model and point an alias at it (undo: promote --version N)",

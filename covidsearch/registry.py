@@ -33,9 +33,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from . import data, metrics, tracking
+from . import DEFAULT_ALIAS, DEFAULT_NAME, data, metrics, tracking
 
-DEFAULT_NAME, DEFAULT_ALIAS = "covid-cxr", "champion"
 MODEL_NAME = "model"  # the name trial.py logs each trial's model under
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 EIGHT = ("loss", "accuracy", "tp", "fp", "tn", "fn", "precision", "recall")

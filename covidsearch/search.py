@@ -201,8 +201,8 @@ class Workers:
         """Start a worker in a session of its own: Ctrl-C at the terminal reaches only the search process,
         which decides what an interrupt ends (and kills the workers)."""
         ours, theirs = socket.socketpair()
-        command = [sys.executable, "-c", "import sys; from covidsearch.trial import serve_fd; serve_fd(*sys.argv[1:])",
-                   str(theirs.fileno()), str(self.trials_per_worker), str(self.device_share)]
+        command = [sys.executable, "-c", _WORKER_MAIN, str(theirs.fileno()), str(self.trials_per_worker),
+                   str(self.device_share)]
         process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         return process, Connection(ours.detach())
@@ -239,6 +239,14 @@ class Workers:
         if self._standby is not None:
             _stop(*self._standby)
             self._standby = None
+
+
+_WORKER_MAIN = """import sys
+from covidsearch import held_stderr
+with held_stderr():
+    from covidsearch.trial import serve_fd
+serve_fd(*sys.argv[1:])
+"""
 
 
 def _stop(process: subprocess.Popen, conn: Connection) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -144,3 +146,15 @@ def test_weights_of_another_architecture_are_refused_not_half_loaded(recorded, c
                             "--set", "alpha=0.25", "--set", "input_size=96", "--weights", str(other)],
                    "does not fit MobileNet alpha 0.25")
     _nothing_lost(*recorded)
+
+
+def test_help_and_a_mistyped_option_answer_at_once_without_loading_keras():
+    """The parser loads neither Keras, TensorFlow nor MLflow (seconds each), only a command that needs them."""
+    probe = ("import sys\nfrom covidsearch import cli\ncli.parser().format_help()\n"
+             "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'mlflow') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "[]"
+    mistyped = subprocess.run([sys.executable, "-m", "covidsearch.cli", "run", "--data", "xrays", "--max-trails", "3"],
+                              capture_output=True, text=True, timeout=120)
+    assert mistyped.returncode == 2 and "unrecognized arguments: --max-trails" in mistyped.stderr
