@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 DEFAULT_NAME, DEFAULT_ALIAS = "covid-cxr", "champion"  # the registered model and alias `promote` moves
 
 
+class UserError(Exception):
+    """Input or state the user must fix: the command shows it in one line and exits 2; nothing recorded is lost."""
+
+
 @contextlib.contextmanager
 def held_stderr() -> Iterator[None]:
     """TensorFlow prints C++ start-up lines straight to stderr when it is first imported (in every

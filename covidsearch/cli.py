@@ -12,28 +12,26 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from . import held_stderr
+    from . import UserError, held_stderr
 
-    with held_stderr():
-        from . import data, models, registry, search, server, spaces, tracking
-
-    known = (data.DataError, spaces.SpaceError, tracking.StoreError, search.SearchError, models.WeightsError,
-             registry.RegistryError, server.ServerError)
+    if args.keras:  # runs, ui, server and promote need only MLflow: they start seconds sooner without it
+        with held_stderr():
+            import keras  # noqa: F401
+            import keras_tuner  # noqa: F401
     try:
         return args.func(args) or 0
-    except search.SearchInterrupted as stop:
-        print(f"\ninterrupted: {stop.note}. Resume with:\n  {stop.command}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except known as err:
+    except UserError as err:
         print(f"covidsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        resume = getattr(stop, "command", None)  # a search says how to go on (search.SearchInterrupted)
+        print(f"\ninterrupted: {stop.note}. Resume with:\n  {resume}" if resume else "\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="covidsearch", description=__doc__)
+    p.set_defaults(keras=True)  # whether the command imports Keras (TensorFlow), see main
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="search hyperparameters; every trial goes to MLflow")
@@ -72,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     server.add_argument("--workers", type=int, help="server processes (default: MLflow's)")
     server.add_argument("--allowed-hosts", help="Host headers to accept, e.g. mlflow:5000 behind a name "
                                                 "(default: MLflow's, plus this host's name)")
-    server.set_defaults(func=cmd_server)
+    server.set_defaults(func=cmd_server, keras=False)
 
     demo = sub.add_parser("demo", help="a 2-trial search on generated (synthetic) images, for newcomers")
     demo.add_argument("--dir", default="demo-data", help="where to write the synthetic images")
@@ -82,14 +80,14 @@ def parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="leaderboard of a search (the latest by default)")
     runs.add_argument("--search", help="search run id")
     _store_options(runs)
-    runs.set_defaults(func=cmd_runs)
+    runs.set_defaults(func=cmd_runs, keras=False)
 
     _registry_commands(sub)
 
     ui = sub.add_parser("ui", help="MLflow UI on the same store, on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     _store_options(ui)
-    ui.set_defaults(func=cmd_ui)
+    ui.set_defaults(func=cmd_ui, keras=False)
 
     report = sub.add_parser("report", help="one self-contained HTML page of a search (the latest by default)")
     report.add_argument("search", nargs="?", metavar="SEARCH_RUN_ID", help="search run id")
@@ -207,7 +205,7 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
                          help="refuse unless the test metric meets the bound, e.g. test_sensitivity_covid_19>=0.95 "
                               "(>= or <=; repeatable)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns)")
-    promote.set_defaults(func=cmd_promote)
+    promote.set_defaults(func=cmd_promote, keras=False)
 
     models_help = "a trial run id, models:/NAME@ALIAS, models:/NAME/VERSION or a .keras file"
     evaluate = sub.add_parser("evaluate", help="a model's metrics on every image of a dataset folder")

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, TypeVar
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from . import UserError
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_CLASSES = ("COVID-19", "Normal", "Viral Pneumonia")
@@ -45,7 +47,7 @@ R = TypeVar("R")
 Size = tuple[int, str]  # (input size in pixels, colour mode): one folder of the pixel cache
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem the user must fix; its message is shown as the one-line error."""
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from . import UserError
+
 # name -> (constructor, the backbone's own ImageNet preprocessing mode)
 BACKBONES = {
     "InceptionV3": (keras.applications.InceptionV3, "tf"),
@@ -29,7 +31,7 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
 TRAINING_METRICS = ("accuracy", "tp", "fp", "tn", "fn", "precision", "recall")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Backbone weights that cannot be had or do not fit; shown as a one-line error."""
 
 

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from . import DEFAULT_ALIAS, DEFAULT_NAME, data, metrics, tracking
+from . import DEFAULT_ALIAS, DEFAULT_NAME, UserError, data, metrics, tracking
 
 MODEL_NAME = "model"  # the name trial.py logs each trial's model under
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -41,7 +41,7 @@ EIGHT = ("loss", "accuracy", "tp", "fp", "tn", "fn", "precision", "recall")
 GATE = re.compile(r"\s*([\w.\-/]+)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A promotion, evaluation or prediction that cannot be done; shown as a one-line error."""
 
 

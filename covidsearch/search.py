@@ -28,7 +28,7 @@ import keras_tuner as kt
 from keras_tuner.src import config as kt_config
 from keras_tuner.src.engine import base_tuner
 
-from . import data, models, spaces, tracking, trial
+from . import UserError, data, models, spaces, tracking, trial
 from .progress import Progress
 
 TUNERS = ("hyperband", "random", "bayesian")
@@ -87,7 +87,7 @@ class WorkerResult:
     trials: int  # FINISHED by this worker
 
 
-class SearchError(RuntimeError):
+class SearchError(UserError, RuntimeError):
     """The search cannot go on; shown as a one-line error (nothing recorded is lost)."""
 
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import tracking
+from . import UserError, tracking
 
 DEFAULT_DIR = tracking.STORE_DIR / "server"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ANY = ("0.0.0.0", "::")
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The tracking server cannot start; shown as a one-line error."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import keras_tuner as kt
 
+from . import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -33,7 +35,7 @@ BUILT_IN = next((d for d in (_PACKAGE / "experiments", _PACKAGE.parent / "experi
 TYPES = ("choice", "int", "float", "boolean")
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A space file or --set override the user must fix; shown as a one-line error."""
 
 

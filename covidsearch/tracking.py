@@ -15,11 +15,13 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import UserError
+
 DEFAULT_EXPERIMENT = "covidsearch"
 STORE_DIR = Path("mlruns")
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The tracking store cannot be used; shown as a one-line error."""
 
 

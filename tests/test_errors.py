@@ -148,13 +148,19 @@ def test_weights_of_another_architecture_are_refused_not_half_loaded(recorded, c
     _nothing_lost(*recorded)
 
 
-def test_help_and_a_mistyped_option_answer_at_once_without_loading_keras():
-    """The parser loads neither Keras, TensorFlow nor MLflow (seconds each), only a command that needs them."""
+def test_help_and_a_mistyped_option_answer_at_once_without_loading_keras(workdir):
+    """The parser loads neither Keras, TensorFlow nor MLflow (seconds each), only a command that needs them;
+    `runs` needs MLflow only."""
     probe = ("import sys\nfrom covidsearch import cli\ncli.parser().format_help()\n"
              "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'mlflow') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.strip() == "[]"
+    probe = ("import sys\nfrom covidsearch.cli import main\ncode = main(['runs'])\n"
+             "print(code, sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))")
+    runs = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=workdir)
+    assert runs.stdout.strip() == "2 []", runs.stderr[-2000:]  # no store here yet: a one-line error, no Keras
+    assert runs.stderr.strip().startswith("covidsearch: error: no tracking store")
     mistyped = subprocess.run([sys.executable, "-m", "covidsearch.cli", "run", "--data", "xrays", "--max-trails", "3"],
                               capture_output=True, text=True, timeout=120)
     assert mistyped.returncode == 2 and "unrecognized arguments: --max-trails" in mistyped.stderr
