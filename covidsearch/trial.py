@@ -252,7 +252,7 @@ class ValidationMetrics(keras.callbacks.Callback):
         best = min(self.epochs, key=lambda e: e["val_loss"])
         if objective not in best:
             raise TrialFailed(f"objective {objective!r} is not a validation metric; try val_loss, val_accuracy, "
-                              f"val_macro_f1 or val_sensitivity_<class>")
+                              f"val_macro_f1, val_min_sensitivity or val_sensitivity_<class>")
         return best
 
 
