@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import queue
 import socket
@@ -17,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from multiprocessing.connection import Connection
@@ -147,7 +147,8 @@ class HyperbandOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.HyperbandO
     def populate_space(self, trial_id: str) -> dict[str, Any]:
         defaults = self._default_values()
         if self.baseline and not self._duplicate(defaults):
-            return {"status": "RUNNING", "values": {**defaults, "tuner/epochs": self.max_epochs, "tuner/initial_epoch": 0}}
+            values = {**defaults, "tuner/epochs": self.max_epochs, "tuner/initial_epoch": 0}
+            return {"status": "RUNNING", "values": values}
         return super().populate_space(trial_id)
 
 
@@ -175,6 +176,15 @@ def _maximise(objective: str) -> bool:
 
 
 # ---------------------------------------------------------------- workers
+
+
+# A worker process's program: TensorFlow's start-up lines are held back while it imports the library.
+_WORKER_MAIN = """import sys
+from covidsearch import held_stderr
+with held_stderr():
+    from covidsearch.trial import serve_fd
+serve_fd(*sys.argv[1:])
+"""
 
 
 class Workers:
@@ -239,14 +249,6 @@ class Workers:
         if self._standby is not None:
             _stop(*self._standby)
             self._standby = None
-
-
-_WORKER_MAIN = """import sys
-from covidsearch import held_stderr
-with held_stderr():
-    from covidsearch.trial import serve_fd
-serve_fd(*sys.argv[1:])
-"""
 
 
 def _stop(process: subprocess.Popen, conn: Connection) -> None:
