@@ -37,12 +37,17 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | Non
                           text=True, timeout=timeout, env={**clean, **(env or {})})
 
 
-def small_search(work: Path, data: Path):
-    """A finished 2-trial vanilla search through the CLI into `work`'s own store: (client, experiment id, output)."""
+def store(work: Path):
+    """The default store a command run in `work` wrote, read as a user would: (client, experiment id)."""
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("covidsearch").experiment_id
+
+
+def small_search(work: Path, data: Path):
+    """A finished 2-trial vanilla search through the CLI into `work`'s own store: (client, experiment id, output)."""
     result = cli("run", "--space", "vanilla", "--data", str(data), "--tuner", "random", "--max-trials", "2",
                  "--max-epochs", "2", "--test-per-class", "8", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    return client, client.get_experiment_by_name("covidsearch").experiment_id, result.stdout
+    return (*store(work), result.stdout)

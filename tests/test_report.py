@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import cli, small_search
@@ -25,11 +24,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def reported(xray_dir, tmp_path_factory):
     """A 2-trial search through the CLI, then `covidsearch report` on it (the latest search)."""
     work = tmp_path_factory.mktemp("report")
-    small_search(work, xray_dir)
+    client, experiment_id, _ = small_search(work, xray_dir)
     result = cli("report", "--out", "search-report.html", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
     search = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")[0]
     trials = client.search_runs([experiment_id], "tags.covidsearch_kind = 'trial'")
     return work, work / "search-report.html", client, search, trials, result.stdout

@@ -6,9 +6,8 @@ import json
 import mlflow
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import cli, small_search
+from conftest import cli, small_search, store
 from covidsearch import spaces, tracking
 
 EIGHT = ["test_loss", "test_accuracy", "test_tp", "test_fp", "test_tn", "test_fn", "test_precision", "test_recall"]
@@ -100,8 +99,7 @@ def test_in_a_hyperband_search_the_baseline_trains_as_long_as_the_tutorial(xray_
     result = cli("run", "--data", str(xray_dir), "--tuner", "hyperband", "--max-trials", "2", "--max-epochs", "3",
                  "--test-per-class", "8", "--set", "input_size=32", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    client, experiment_id = store(workdir)
     _, (baseline, first_bracket) = _search_and_trials(client, experiment_id)
     assert baseline.data.tags["baseline"] == "true"
     assert len(client.get_metric_history(baseline.info.run_id, "val_loss")) == 3  # --max-epochs, as the tutorial
@@ -112,8 +110,7 @@ def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
     result = cli("run", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "3", "--max-epochs", "1",
                  "--test-per-class", "8", "--set", "input_size=32", "--workers-per-gpu", "2", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    client, experiment_id = store(workdir)
     (search,) = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
     trials = tracking.trial_runs(client, experiment_id, search.info.run_id)
     assert sorted(t.data.tags["covidsearch_trial_id"] for t in trials) == ["0", "1", "2"]
@@ -128,8 +125,7 @@ def test_the_whole_flow_runs_on_the_jax_backend(xray_dir, workdir):
     ran = cli("run", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "1", "--max-epochs", "1",
               "--test-per-class", "8", "--set", "input_size=32", "--quiet", cwd=workdir, env=jax)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("covidsearch").experiment_id
+    client, experiment_id = store(workdir)
     (search,) = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
     assert search.data.tags["keras_backend"] == "jax"
     (only,) = tracking.trial_runs(client, experiment_id, search.info.run_id)
