@@ -165,7 +165,7 @@ def convnet_search(work: Path, data_root: Path, trials: int, workers: int, epoch
     result = search.run(opts)
     wall = time.perf_counter() - started
     client, experiment_id = tracking.connect(uri, name, create=False)
-    overheads = [_overhead(client, run) for run in tracking.trial_runs(client, experiment_id, result.search_run_id)
+    overheads = [_overhead(client, run) for run in tracking.trial_runs(client, result.search_run_id)
                  if run.info.status == "FINISHED"]
     return {"trials": trials, "workers": workers, "wall_s": wall, "trials_per_hour": trials / wall * 3600,
             "overhead_s": sorted(overheads)}

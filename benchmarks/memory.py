@@ -130,7 +130,7 @@ def measure(root: Path, trials: int, epochs: int, per_worker: int, store: Path, 
     with sampled() as samples:
         result = search.run(opts)
     client, experiment_id = tracking.connect(uri)
-    runs = sorted(tracking.trial_runs(client, experiment_id, result.search_run_id),
+    runs = sorted(tracking.trial_runs(client, result.search_run_id),
                   key=lambda r: int(r.data.tags["covidsearch_trial_id"]))
     failed = [r.info.run_name for r in runs if r.info.status != "FINISHED"]
     if failed or len(runs) != trials:

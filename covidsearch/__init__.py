@@ -18,6 +18,10 @@ class UserError(Exception):
     """Input or state the user must fix: the command shows it in one line and exits 2; nothing recorded is lost."""
 
 
+class SearchError(UserError, RuntimeError):
+    """The search cannot go on; shown as a one-line error (nothing recorded is lost)."""
+
+
 @contextlib.contextmanager
 def held_stderr() -> Iterator[None]:
     """TensorFlow prints C++ start-up lines straight to stderr when it is first imported (in every

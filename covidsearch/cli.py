@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the command imports its library modules when it runs, so --help answers at once
+    from . import search
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -33,7 +40,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="covidsearch", description=__doc__)
     p.set_defaults(keras=True)  # whether the command imports Keras (TensorFlow), see main
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    _search_commands(sub)
+    _team_commands(sub)
+    _inspect_commands(sub)
+    _registry_commands(sub)
+    return p
 
+
+def _search_commands(sub: argparse._SubParsersAction) -> None:
+    """run, worker and demo: the commands that train."""
     run = sub.add_parser("run", help="search hyperparameters; every trial goes to MLflow")
     run.add_argument("--data", required=True, help="dataset root (tutorial or Kaggle layout)")
     _search_options(run)
@@ -56,10 +71,19 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--data", required=True, help="dataset root (the same images as the chief's)")
     _search_options(worker)
     worker.add_argument("--oracle", required=True, metavar="HOST:PORT", help="where the chief serves the oracle")
-    worker.add_argument("--worker-id", help="this worker's id, unique in the search (default: the host name); "
-                                            "restarted with the same id, a worker resumes its trial")
+    worker.add_argument("--worker-id", help="this worker's id, unique in the search (default: the host name and an "
+                                            "id kept in --project-dir); restarted with the same id, a worker "
+                                            "resumes its trial")
     worker.set_defaults(func=cmd_worker)
 
+    demo = sub.add_parser("demo", help="a 2-trial search on generated (synthetic) images, for newcomers")
+    demo.add_argument("--dir", default="demo-data", help="where to write the synthetic images")
+    _store_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+def _team_commands(sub: argparse._SubParsersAction) -> None:
+    """server: the tracking server a team and its distributed searches share."""
     server = sub.add_parser("server", help="an MLflow tracking server for a team (database runs, served artifacts)")
     server.add_argument("--backend-store-uri", help="SQLite or PostgreSQL URI (default: sqlite under ./mlruns/server)")
     server.add_argument("--artifacts-destination", help="where artifacts go: a directory or s3://BUCKET/PATH "
@@ -72,17 +96,13 @@ def parser() -> argparse.ArgumentParser:
                                                 "(default: MLflow's, plus this host's name)")
     server.set_defaults(func=cmd_server, keras=False)
 
-    demo = sub.add_parser("demo", help="a 2-trial search on generated (synthetic) images, for newcomers")
-    demo.add_argument("--dir", default="demo-data", help="where to write the synthetic images")
-    _store_options(demo)
-    demo.set_defaults(func=cmd_demo)
 
+def _inspect_commands(sub: argparse._SubParsersAction) -> None:
+    """runs, ui and report: reading what the searches recorded."""
     runs = sub.add_parser("runs", help="leaderboard of a search (the latest by default)")
-    runs.add_argument("--search", help="search run id")
+    runs.add_argument("--search", help="search run id (in any experiment)")
     _store_options(runs)
     runs.set_defaults(func=cmd_runs, keras=False)
-
-    _registry_commands(sub)
 
     ui = sub.add_parser("ui", help="MLflow UI on the same store, on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -90,11 +110,10 @@ def parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui, keras=False)
 
     report = sub.add_parser("report", help="one self-contained HTML page of a search (the latest by default)")
-    report.add_argument("search", nargs="?", metavar="SEARCH_RUN_ID", help="search run id")
+    report.add_argument("search", nargs="?", metavar="SEARCH_RUN_ID", help="search run id (in any experiment)")
     report.add_argument("--out", default="report.html", help="where to write the page (default report.html)")
     _store_options(report)
     report.set_defaults(func=cmd_report)
-    return p
 
 
 def _store_options(p: argparse.ArgumentParser) -> None:
@@ -145,8 +164,6 @@ def _options(args: argparse.Namespace, **more) -> search.Options:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import search
 
-    if args.workers_per_gpu < 1:
-        raise search.SearchError("--workers-per-gpu must be at least 1")
     result = search.run(_options(args, resume=args.resume, max_consecutive_failed_trials=args.max_failures,
                                  workers_per_gpu=args.workers_per_gpu))
     _print_leaderboard(args, result.search_run_id)
@@ -181,8 +198,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           resume="never", progress=progress.mode_for(sys.stderr, False))
     result = search.run(opts)
     _print_leaderboard(args, result.search_run_id)
-    print("\nopen the MLflow UI on this store:  covidsearch ui   (then http://127.0.0.1:5000)")
+    print(f"\nopen the MLflow UI on this store:  {_self_command()} ui   (then http://127.0.0.1:5000)")
     return 0
+
+
+def _self_command() -> str:
+    """How to run covidsearch again as this process was run: `covidsearch` when that is on PATH, else its path
+    (after `make demo` it is .venv/bin/covidsearch)."""
+    program = Path(sys.argv[0])
+    on_path = shutil.which("covidsearch")
+    if on_path and program.name == "covidsearch" and Path(on_path).resolve() == program.resolve():
+        return "covidsearch"
+    if program.name == "covidsearch":
+        return os.path.relpath(program)
+    return f"{os.path.relpath(sys.executable)} -m covidsearch"
 
 
 def _registry_commands(sub: argparse._SubParsersAction) -> None:
@@ -239,23 +268,23 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import registry, tracking
+    from . import inference, tracking
 
-    loaded = registry.load(args.model, args.tracking_uri)
-    result = registry.evaluate(loaded, args.data)
-    print(registry.format_evaluation(loaded, result))
+    loaded = inference.load(args.model, args.tracking_uri)
+    result = inference.evaluate(loaded, args.data)
+    print(inference.format_evaluation(loaded, result))
     if args.log:
         client, experiment_id = tracking.connect(args.tracking_uri, args.experiment)
-        print(f"\nlogged as run {registry.log_evaluation(client, experiment_id, loaded, result)}")
+        print(f"\nlogged as run {inference.log_evaluation(client, experiment_id, loaded, result)}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import registry
+    from . import inference
 
-    files = registry.image_paths(args.paths)  # a mistyped path fails before the model loads
-    loaded = registry.load(args.model, args.tracking_uri)
-    print(registry.format_predictions(registry.predict(loaded, files), args.format))
+    files = inference.image_paths(args.paths)  # a mistyped path fails before the model loads
+    loaded = inference.load(args.model, args.tracking_uri)
+    print(inference.format_predictions(inference.predict(loaded, files), args.format))
     return 0
 
 
@@ -267,9 +296,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def _print_leaderboard(args: argparse.Namespace, search_id: str | None) -> None:
     from . import tracking
 
-    client, experiment_id = tracking.connect(args.tracking_uri, args.experiment, create=False)
-    search_id = search_id or tracking.latest_search(client, experiment_id)
-    rows = tracking.leaderboard(client, experiment_id, search_id)
+    client = tracking.client(args.tracking_uri, create=False)
+    search_id = tracking.search_id(client, args.experiment, search_id)
+    rows = tracking.leaderboard(client, search_id)
     objective = client.get_run(search_id).data.params.get("objective", "val_loss")
     print(f"\nsearch {search_id}: {len(rows)} trial(s), best {objective} first")
     print(format_table(rows, objective))
@@ -277,39 +306,54 @@ def _print_leaderboard(args: argparse.Namespace, search_id: str | None) -> None:
 
 def format_table(rows: list[dict], objective: str) -> str:
     """The leaderboard as aligned text."""
+    from . import text
+
     skip = {"color_mode", "val_fraction", "test_per_class", "patience", "min_delta", "model", "weights"}
-    header = ["run_id", "trial", "status", objective, "test_acc", "covid_sens", "hyperparameters"]
-    lines = [header]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [["run_id", "trial", "status", objective, "test_acc", "covid_sens", "hyperparameters"]]
     for r in rows:
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         hps = " ".join(f"{k}={v}" for k, v in r["params"].items() if k not in skip)
         lines.append([r["run_id"], r["trial"] + (" baseline" if r["baseline"] else ""), r["status"],
                       fmt(r["objective"]), fmt(r["test_accuracy"]), fmt(r["test_sensitivity_covid_19"]), hps])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) + "  " + str(line[-1])
-                     for line in lines)
+    return text.table(lines)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from . import tracking
 
     uri = tracking.store_uri(args.tracking_uri)
+    tracking.client(uri)  # a new store is created here, once, not by the UI and a search at the same moment
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
-    if uri.startswith("sqlite:///"):
+    if tracking.sqlite_path(uri):
         cmd += ["--default-artifact-root", (Path(tracking.STORE_DIR) / "artifacts").resolve().as_uri()]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the UI's servers as Ctrl-C does
+    ui = subprocess.Popen(cmd, start_new_session=True)  # its own group: its server processes end with it
     try:
-        return subprocess.call(cmd, env=os.environ.copy())
+        return ui.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        _end_group(ui)
+
+
+def _end_group(process: subprocess.Popen) -> None:
+    """Terminate a process and every process it started (MLflow's UI runs a server with workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from . import report
+    from . import report, tracking
 
     search_id, path = report.write(args.out, args.search, args.tracking_uri, args.experiment)
-    print(f"wrote {path} for search {search_id} (also logged to that run as {report.ARTIFACT})")
+    print(f"wrote {path} for search {search_id} (also logged to that run as {tracking.REPORT})")
     return 0
 
 

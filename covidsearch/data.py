@@ -8,6 +8,7 @@ epoch ever decodes a PNG again.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -41,6 +42,12 @@ CLASS_ALIASES = {
 # 8 bits in 94-100% of cases: 8 keeps a margin below the first false match. See
 # benchmarks/RESULTS.md.
 NEAR_DUPLICATE_BITS = 8
+# Images smaller than this on either side are skipped: a thumbnail or an icon is not an X-ray, and upscaling one to the
+# model's input size would train on blur.
+MIN_IMAGE_SIDE = 32
+# Where the search run records every skipped file (the console shows the first few).
+# The reason given for a file the scan could not open; such results are not remembered, so a fix shows next scan.
+CANNOT_READ = "cannot read the file"
 SPLITS = ("train", "val", "test")
 T = TypeVar("T")
 R = TypeVar("R")
@@ -121,13 +128,50 @@ def _parallel(fn: Callable[[T], R], items: Iterable[T], workers: int | None) -> 
 def _class_dir(root: Path, name: str) -> tuple[Path, str] | None:
     """Find a class's image folder in the tutorial layout or the Kaggle layout (images/, not masks/)."""
     for alias in CLASS_ALIASES.get(name, (name,)):
-        for base in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        for base in (root, *(p for p in _listing(root) if p.is_dir())):
             candidate = base / alias
             if (candidate / "images").is_dir():
                 return candidate / "images", "kaggle"
             if candidate.is_dir():
                 return candidate, "tutorial"
     return None
+
+
+def _listing(folder: Path) -> list[Path]:
+    """A folder's entries in a stable order, or a one-line error naming the folder that cannot be read."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise DataError(f"cannot read folder {folder}: {err.strerror or err}") from None
+
+
+def _link_problem(link: Path, folder: Path) -> str | None:
+    """Why a symbolic link in a class folder cannot be used, or None when it leads to a file or an unrelated folder."""
+    try:
+        link.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop: the links lead round in a circle, never to a file"
+        if err.errno == errno.ENOENT:
+            return f"broken symlink: {os.readlink(link)} does not exist"
+        return f"cannot follow symlink: {err.strerror or err}"
+    target = link.resolve()
+    if target.is_dir() and (target == folder.resolve() or target in folder.resolve().parents):
+        return f"symlink loop: leads back to {target}, a folder that contains it"
+    return None
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """A class folder's files, and its symbolic links that lead nowhere usable with why; subfolders are not scanned,
+    so a link back up the tree cannot make the scan loop."""
+    files, skipped = [], []
+    for p in _listing(folder):
+        problem = _link_problem(p, folder) if p.is_symlink() else None
+        if problem:
+            skipped.append((str(p), problem))
+        elif p.is_file():
+            files.append(p)
+    return files, skipped
 
 
 def _canonical(name: str) -> str:
@@ -151,12 +195,17 @@ def _class_names(classes: Iterable[str] | None) -> list[str]:
 def _check_file(path: str, sizes: tuple[Size, ...] = ()) -> tuple[str | None, str, list[np.ndarray]]:
     """Decode a file fully once; return (sha256, dhash, its pixels at each of `sizes`)
     or (None, why it cannot be used, [])."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:  # permission denied, an I/O error, a file removed during the scan
+        return None, f"{CANNOT_READ}: {err.strerror or err}", []
     if not data:
         return None, "empty file", []
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if min(im.size) < MIN_IMAGE_SIDE:
+                return None, _too_small(im.size), []
             gray = to_mode(im, "grayscale")
             pixels = [_pixels(im, size, color_mode) for size, color_mode in sizes]
     except UnidentifiedImageError:
@@ -164,6 +213,11 @@ def _check_file(path: str, sizes: tuple[Size, ...] = ()) -> tuple[str | None, st
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"unreadable image: {err}".splitlines()[0], []
     return hashlib.sha256(data).hexdigest(), _dhash(gray), pixels
+
+
+def _too_small(size: tuple[int, int]) -> str:
+    """The reason an image below MIN_IMAGE_SIDE is skipped, with its size."""
+    return f"image is {size[0]}x{size[1]} px; images smaller than {MIN_IMAGE_SIDE} px on a side are skipped"
 
 
 def _dhash(gray: Image.Image) -> str:
@@ -201,8 +255,10 @@ def _checked(files: list[Path], cache_dir: Path | None, workers: int | None,
     keys = {p: _file_key(p) for p in files}
     todo = [p for p in files if keys[p] not in known]
     results = _parallel(lambda p: _check_file(str(p), sizes if cache_dir else ()), todo, workers)
-    for p, (sha, extra, _) in zip(todo, results):
-        known[keys[p]] = (sha, extra)
+    fresh = {p: (sha, extra) for p, (sha, extra, _) in zip(todo, results)}
+    for p, (sha, extra) in fresh.items():
+        if not extra.startswith(CANNOT_READ):  # a chmod changes neither size nor mtime: read it again next scan
+            known[keys[p]] = (sha, extra)
     readable = [r for r in results if r[0] is not None]
     if cache_dir and readable:
         digests = [r[0] for r in readable]
@@ -210,7 +266,7 @@ def _checked(files: list[Path], cache_dir: Path | None, workers: int | None,
             _save_pack(_store(cache_dir, size, color_mode), digests, np.stack([r[2][k] for r in readable]))
     if index and todo:
         _atomic_write(index, lambda fh: fh.write(json.dumps(known).encode()))
-    return {p: tuple(known[keys[p]]) for p in files}
+    return {p: fresh[p] if p in fresh else tuple(known[keys[p]]) for p in files}
 
 
 def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -231,22 +287,24 @@ def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_di
             raise DataError(f"class folder for {name!r} not found under {root_path}")
         folders[name], layout = hit
         layouts.add(layout)
-    files = {name: sorted(p for p in folder.iterdir() if p.is_file()) for name, folder in folders.items()}
+    listed = {name: _folder_files(folder) for name, folder in folders.items()}
+    files = {name: paths for name, (paths, _) in listed.items()}
     results = _checked([p for paths in files.values() for p in paths], Path(cache_dir) if cache_dir else None,
                        workers, tuple(sizes))
 
     samples, skipped = [], []
     for label, name in enumerate(names):
-        readable = 0
+        readable, unusable = 0, listed[name][1]
         for p in files[name]:
             sha, extra = results[p]
             if sha is None:
-                skipped.append((str(p), extra))
+                unusable.append((str(p), extra))
             else:
                 samples.append(Sample(str(p), label, sha, extra, p.relative_to(root_path).as_posix()))
                 readable += 1
         if not readable:
             raise DataError(f"class {name!r} has no readable image in {folders[name]}")
+        skipped += sorted(unusable)
     layout = layouts.pop() if len(layouts) == 1 else "mixed"
     return Dataset(str(root_path), layout, names, samples, skipped)
 
@@ -368,6 +426,17 @@ def manifest_rows(dataset: Dataset, parts: Split) -> list[dict]:
         rows += [{"file": ds.samples[i].path, "class": ds.classes[ds.samples[i].label], "split": name,
                   "sha256": ds.samples[i].sha256} for i in idx]
     return rows
+
+
+def skipped_lines(dataset: Dataset, csv_name: str, shown: int = 5) -> list[str]:
+    """Console lines for the skipped files: how many, the first `shown` with why, and the CSV that lists them all."""
+    if not dataset.skipped:
+        return []
+    lines = [f"skipped {len(dataset.skipped)} file(s) that cannot be used, all listed in {csv_name}:"]
+    lines += [f"  {os.path.relpath(path, dataset.root)}: {reason}" for path, reason in dataset.skipped[:shown]]
+    if len(dataset.skipped) > shown:
+        lines.append(f"  ... and {len(dataset.skipped) - shown} more")
+    return lines
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from concurrent import futures
 from typing import Any
@@ -19,8 +18,9 @@ from keras_tuner.src import protos
 from keras_tuner.src.distribute import oracle_chief
 from keras_tuner.src.engine.oracle import synchronized
 
+from . import SearchError, tracking
 from .progress import Progress
-from .search import SearchError
+from .server import listen_error
 
 _WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -37,22 +37,26 @@ def address(text: str | None) -> tuple[str, int]:
 def check_listen(where: str) -> None:
     """Before anything is recorded: the chief can listen at `where` (not taken, an address of this machine)."""
     host, port = address(where)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a restarted chief's old connections
-        try:
-            probe.bind((host.strip("[]"), port))
-        except OSError as err:
-            raise SearchError(f"cannot serve the oracle on {where}: {err.strerror}") from None
+    error = listen_error(host.strip("[]"), port)
+    if error:
+        raise SearchError(f"cannot serve the oracle on {where}: {error}")
 
 
-def worker_id(given: str | None) -> str:
-    """This worker's tuner id (default: the host name): the same id after a restart resumes the trial the chief
-    holds for it, so it must be unique to one worker."""
-    found = given or socket.gethostname().split(".")[0]
+def worker_id(found: str) -> str:
+    """A worker's tuner id, checked: the same id after a restart resumes the trial the chief holds for it, so it
+    must be unique to one worker."""
     if not _WORKER_ID.fullmatch(found) or "chief" in found.lower():
         raise SearchError(f"worker id {found!r}: use letters, digits, '.', '_' or '-' (at most 63) and not the word "
                           "'chief' (Keras Tuner's name for the oracle's process); pass --worker-id")
     return found
+
+
+def check_not_running(client: Any, search_run_id: str, worker: str) -> None:
+    """Refuse a second live worker with an id that is training a trial now: both would train (and record) it."""
+    live = tracking.live_trials(client, search_run_id, worker)
+    if live:
+        raise SearchError(f"worker id {worker} is training trial run {live[0]} of this search right now (on this "
+                          "or another machine): give this worker another --worker-id")
 
 
 def join(oracle: str | None, tuner_id: str) -> None:

@@ -28,7 +28,6 @@ MIN_INPUT = {"InceptionV3": 75}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
-TRAINING_METRICS = ("accuracy", "tp", "fp", "tn", "fn", "precision", "recall")
 
 
 class WeightsError(UserError, ValueError):

@@ -7,37 +7,22 @@ small gradient helper per backend, so it works the same on TensorFlow and JAX.
 """
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import keras
 import matplotlib
-import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
 from .metrics import confusion
+from .tracking import FIGURE_FILES
 
 DPI = 100
-FIGURES = "figures"
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 NOT_SET = -0.1  # parallel-coordinates position of a hyperparameter a trial does not have
-
-
-def log_trial_figures(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray, test_probs: np.ndarray,
-                      classes: list[str], train_history: dict[str, list[float]],
-                      val_epochs: list[dict[str, float]], first_epoch: int = 0) -> None:
-    """Every trial's pictures under figures/ of the active MLflow run, and what they cost in seconds."""
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, train_history, val_epochs,
-                            first_epoch)
-        mlflow.log_artifacts(tmp, FIGURES)
-    mlflow.log_metric("figures_seconds", time.perf_counter() - started)
 
 
 def write_trial_figures(out: Path, model: keras.Model, x_test: np.ndarray, y_test: np.ndarray,
@@ -47,12 +32,12 @@ def write_trial_figures(out: Path, model: keras.Model, x_test: np.ndarray, y_tes
     sample = gradcam_sample(y_test, test_probs)
     heatmaps = gradcam(model, x_test[sample], test_probs[sample].argmax(1))
     figures = {
-        "curves.png": curves_figure(train_history, val_epochs, first_epoch),
-        "confusion_matrix.png": confusion_figure(y_test, test_probs, classes),
-        "roc.png": roc_figure(y_test, test_probs, classes),
-        "gradcam.png": gradcam_figure(x_test[sample], heatmaps, y_test[sample], test_probs[sample], classes),
+        "curves": curves_figure(train_history, val_epochs, first_epoch),
+        "confusion": confusion_figure(y_test, test_probs, classes),
+        "roc": roc_figure(y_test, test_probs, classes),
+        "gradcam": gradcam_figure(x_test[sample], heatmaps, y_test[sample], test_probs[sample], classes),
     }
-    return [save(fig, out / name) for name, fig in figures.items()]
+    return [save(fig, out / FIGURE_FILES[key]) for key, fig in figures.items()]
 
 
 def save(fig: Figure, path: Path) -> Path:

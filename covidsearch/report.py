@@ -11,20 +11,17 @@ import csv
 import datetime
 import html
 import io
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable
+from typing import Any, Collection
 
 from mlflow.tracking import MlflowClient
 
 from . import plots, tracking
 from .data import metric_safe
 
-ARTIFACT = "report/report.html"
-FIGURES = (("curves.png", "Training and validation curves"), ("confusion_matrix.png", "Confusion matrix (test)"),
-           ("roc.png", "ROC, one vs rest (test)"), ("gradcam.png", "Grad-CAM (test images)"))
+CAPTIONS = {"curves": "Training and validation curves", "confusion": "Confusion matrix (test)",
+            "roc": "ROC, one vs rest (test)", "gradcam": "Grad-CAM (test images)"}
 LISTED = 50  # rows shown of long lists (skipped files, duplicate pairs); the artifacts hold them all
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1200px;
@@ -58,39 +55,29 @@ class Search:
 def write(out: str | Path, search_id: str | None = None, tracking_uri: str | None = None,
           experiment: str | None = None) -> tuple[str, Path]:
     """Write the report of a search (default: the latest) to `out`, log it to the search run; (search id, path)."""
-    client, experiment_id = tracking.connect(tracking_uri, experiment, create=False)
-    search_id = search_id or tracking.latest_search(client, experiment_id)
-    page = render(gather(client, experiment_id, search_id))
+    client = tracking.client(tracking_uri, create=False)
+    search_id = tracking.search_id(client, experiment, search_id)
+    page = render(gather(client, search_id))
     path = Path(out)
     path.write_text(page, encoding="utf-8")
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / Path(ARTIFACT).name
-        copy.write_text(page, encoding="utf-8")
-        client.log_artifact(search_id, str(copy), str(Path(ARTIFACT).parent))
+    tracking.log_report(client, search_id, page)
     return search_id, path
 
 
-def gather(client: MlflowClient, experiment_id: str, search_id: str) -> Search:
+def gather(client: MlflowClient, search_id: str) -> Search:
     """The search run, its leaderboard, its data records and the best finished trial's figures."""
     run = tracking.get_run(client, search_id)
-    rows = tracking.leaderboard(client, experiment_id, search_id)
+    rows = tracking.leaderboard(client, search_id)
     finished = [r for r in rows if r["status"] == "FINISHED" and r["objective"] is not None]
     best = client.get_run(finished[0]["run_id"]) if finished else None
-    records = _artifacts(client, search_id, "search", ("dataset.json", "leakage.json", "skipped_files.csv"))
-    skipped = list(csv.DictReader(io.StringIO(records.get("skipped_files.csv", b"").decode())))
-    figures = _artifacts(client, best.info.run_id, plots.FIGURES, [f for f, _ in FIGURES]) if best else {}
+    records = tracking.search_records(client, search_id)
+    skipped = list(csv.DictReader(io.StringIO(records["skipped"])))
+    files = tracking.FIGURE_FILES
+    figures = tracking.artifacts(client, best.info.run_id, tracking.FIGURES, files.values()) if best else {}
     return Search(run, rows, run.data.params.get("objective", "val_loss"),
-                  run.data.params.get("objective_direction", "min") == "min",
-                  json.loads(records.get("dataset.json", b"{}")), json.loads(records.get("leakage.json", b"{}")),
-                  [r for r in skipped if r.get("file")], best, figures)
-
-
-def _artifacts(client: MlflowClient, run_id: str, folder: str, names: Iterable[str]) -> dict[str, bytes]:
-    """The named files of an artifact folder that exist (older runs may lack some), as bytes."""
-    present = {Path(a.path).name for a in client.list_artifacts(run_id, folder)}
-    with tempfile.TemporaryDirectory() as tmp:
-        return {name: Path(client.download_artifacts(run_id, f"{folder}/{name}", tmp)).read_bytes()
-                for name in names if name in present}
+                  run.data.params.get("objective_direction", "min") == "min", records["summary"], records["leakage"],
+                  [r for r in skipped if r.get("file")], best, {key: figures[f] for key, f in files.items()
+                                                                if f in figures})
 
 
 # ---------------------------------------------------------------- HTML
@@ -208,8 +195,8 @@ def _best(search: Search) -> str:
     parts = [f"<h2>Best trial: {_e(name)}</h2>",
              f"<p>run <code>{_e(run.info.run_id)}</code>, {_e(search.objective)} "
              f"{_num(run.data.metrics.get('best_' + search.objective))}</p>", _test_metrics(search)]
-    for file, caption in FIGURES:
-        png = search.figures.get(file)
+    for key, caption in CAPTIONS.items():
+        png = search.figures.get(key)
         body = _image(png, caption) if png else "<p class='muted'>not logged for this trial</p>"
         parts.append(f"<figure><figcaption>{_e(caption)}</figcaption>{body}</figure>")
     return "\n".join(parts)
@@ -253,9 +240,15 @@ def _skipped(skipped: list[dict[str, str]], root: str) -> str:
     if not skipped:
         return "<h3>Skipped files</h3><p>none: every file decoded</p>"
     rows = [[_relative(r["file"], root), r["reason"]] for r in skipped[:LISTED]]
-    more = f"<p class='muted'>first {LISTED} of {len(skipped)}; all in search/skipped_files.csv</p>" \
-        if len(skipped) > LISTED else ""
+    more = _more(len(skipped), tracking.SKIPPED)
     return f"<h3 class='warn'>Skipped files: {len(skipped)}</h3>" + _table(["file", "reason"], rows) + more
+
+
+def _more(total: int, record: str) -> str:
+    """A note under a list cut at LISTED rows: where the whole list is."""
+    if total <= LISTED:
+        return ""
+    return f"<p class='muted'>first {LISTED} of {total}; all in {tracking.SEARCH_RECORDS}/{record}</p>"
 
 
 def _leakage(leakage: dict[str, Any], root: str) -> str:
@@ -272,6 +265,5 @@ def _leakage(leakage: dict[str, Any], root: str) -> str:
     pairs += [["near", d["splits"], _relative(d["a"], root), _relative(d["b"], root), d["bits"]] for d in near]
     if not pairs:
         return head
-    more = f"<p class='muted'>first {LISTED} of {len(pairs)}; all in search/leakage.json</p>" \
-        if len(pairs) > LISTED else ""
+    more = _more(len(pairs), tracking.LEAKAGE)
     return head + _table(["kind", "splits", "a", "b", "bits apart"], pairs[:LISTED], {4}) + more

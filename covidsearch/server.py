@@ -15,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from . import UserError, tracking
@@ -45,7 +44,7 @@ class Config:
              host: str = "127.0.0.1", port: int = 5000, workers: int | None = None,
              allowed_hosts: str | None = None) -> Config:
         """Defaults under ./mlruns/server, apart from the local store so no experiment there points at a local path."""
-        return cls(_with_driver(backend_store_uri or f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"),
+        return cls(_with_driver(backend_store_uri or f"{tracking.SQLITE}{(DEFAULT_DIR / 'mlflow.db').resolve()}"),
                    artifacts_destination or str((DEFAULT_DIR / "artifacts").resolve()), host, port, workers,
                    allowed_hosts or _allowed_hosts(host))
 
@@ -93,16 +92,24 @@ def check(config: Config) -> None:
         raise ServerError(f"a PostgreSQL store needs its driver {driver}: pip install 'covidsearch[postgres]'")
     if config.artifacts_destination.startswith("s3://") and importlib.util.find_spec("boto3") is None:
         raise ServerError("s3:// artifacts need boto3: pip install 'covidsearch[s3]'")
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    error = listen_error(config.host, config.port)
+    if error:
+        raise ServerError(f"cannot listen on {config.host}:{config.port}: {error}; pick another --port or --host")
+    db = tracking.sqlite_path(config.backend_store_uri)
+    if db:
+        db.parent.mkdir(parents=True, exist_ok=True)
+
+
+def listen_error(host: str, port: int) -> str | None:
+    """Why a server could not listen at host:port (taken, not an address of this machine), or None. SO_REUSEADDR as
+    the servers themselves use it, so a restarted server's old connections do not count."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((config.host, config.port))
+            probe.bind((host, port))
         except OSError as err:
-            raise ServerError(f"cannot listen on {config.host}:{config.port}: {err.strerror}; pick another --port "
-                              "or --host") from None
-    if scheme == "sqlite":
-        Path(config.backend_store_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            return err.strerror
+    return None
 
 
 def serve(config: Config, ready: Callable[[str], None], timeout: float = 300.0) -> int:

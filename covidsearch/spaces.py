@@ -13,6 +13,7 @@ Each default is the tutorial's value, so the default point is the tutorial's con
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,8 +245,10 @@ def _param(path: Path, name: str, spec: Any) -> Param:
     when = spec.get("when", {})
     if not isinstance(when, dict) or len(when) > 1:
         raise SpaceError(f"{where}: `when` must name one hyperparameter, e.g. when = {{ backbone = [...] }}")
-    if kind == "choice" and not spec.get("values"):
+    if kind == "choice" and not isinstance(spec.get("values"), list):
         raise SpaceError(f"{where}: a choice needs values = [...]")
+    if kind == "choice" and not spec["values"]:
+        raise SpaceError(f"{where}: values is empty; a choice needs at least one value")
     if kind in ("int", "float") and ("min" not in spec or "max" not in spec):
         raise SpaceError(f"{where}: needs min and max")
     if spec.get("sampling", "linear") not in ("linear", "log", "reverse_log"):
@@ -253,6 +256,30 @@ def _param(path: Path, name: str, spec: Any) -> Param:
     param = Param(name=name, type=kind, default=spec["default"], values=spec.get("values"), min=spec.get("min"),
                   max=spec.get("max"), step=spec.get("step"), sampling=spec.get("sampling", "linear"),
                   when={k: list(v) for k, v in when.items()})
+    problem = _contradiction(param) if kind in ("int", "float") else None
+    if problem:
+        raise SpaceError(f"{where}: {problem}")
     if not param.contains(param.default):
         raise SpaceError(f"{where}: default {param.default!r} is outside the space ({_describe(param)})")
     return param
+
+
+def _contradiction(param: Param) -> str | None:
+    """What makes a numeric range impossible, so the error names it and not its symptom (a default outside it)."""
+    numbers = {"min": param.min, "max": param.max, "default": param.default}
+    if param.step is not None:
+        numbers["step"] = param.step
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"{key} must be finite, got {value}"
+        if param.type == "int" and value != int(value):
+            return f"{key} {value} must be a whole number for type int"
+    if param.min > param.max:
+        return f"min {param.min} is greater than max {param.max}"
+    if param.step is not None and param.step <= 0:
+        return f"step {param.step} must be greater than 0"
+    if param.sampling != "linear" and param.min <= 0:
+        return f"{param.sampling} sampling needs min greater than 0, got min {param.min}"
+    return None

@@ -1,17 +1,30 @@
-"""MLflow store and runs: one parent run per search, one nested child run per trial.
+"""The MLflow record: one parent run per search, one nested child run per trial, evaluations beside them.
 
-The default store is SQLite at mlruns/mlflow.db with artifacts under mlruns/ (MLflow 3
+This module is the only one that writes runs, and the one home of their tag, artifact and metric
+names. The default store is SQLite at mlruns/mlflow.db with artifacts under mlruns/ (MLflow 3
 refuses the old file store); --tracking-uri or MLFLOW_TRACKING_URI point elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import getpass
+import json
+import math
 import os
 import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -19,51 +32,116 @@ from . import UserError
 
 DEFAULT_EXPERIMENT = "covidsearch"
 STORE_DIR = Path("mlruns")
+SQLITE = "sqlite:///"
+
+# Tags
+KIND = "covidsearch_kind"  # what a run is: one of the kinds below
+SEARCH, TRIAL, EVALUATION = "search", "trial", "evaluation"
+TRIAL_ID = "covidsearch_trial_id"  # Keras Tuner's trial id
+WORKER_ID = "covidsearch_worker_id"  # the tuner id that ran a trial
+SEARCH_KEY = "covidsearch_search_key"  # identity of a search's settings and data: how workers find their chief
+ORACLE = "covidsearch_oracle"  # where a chief serves its oracle ("none" for a local search)
+BASELINE = "baseline"  # "true" on the trial of the tutorial's configuration
+WARM_START = "warm_start"  # where a Hyperband continuation took its weights from
+ERROR = "error"
+HEARTBEAT = "covidsearch_heartbeat"  # when the process waiting on a trial last said it is alive (epoch seconds)
+HEARTBEAT_SECONDS = 10
+BEST_TRIAL = "best_trial_run_id"
+DATA_FINGERPRINT = "data_fingerprint"
+PARENT = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"
+NOTE = "mlflow.note.content"
+# MLflow 3's UI opens an experiment of this kind on its runs (trials side by side), not on GenAI traces.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+# Artifacts
+SEARCH_RECORDS = "search"  # folder of the search run: the files below
+DATASET, LEAKAGE, MANIFEST, SKIPPED = "dataset.json", "leakage.json", "split_manifest.csv", "skipped_files.csv"
+MODEL = "model"  # the name each trial's logged model has
+FIGURES = "figures"  # folder of a trial's PNG figures
+FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "roc": "roc.png", "gradcam": "gradcam.png"}
+CONFUSION = "confusion_matrix.json"
+REPORT = "report/report.html"
+
+# Metrics
+BEST = "best_"  # prefix: a trial's best epoch's validation metrics, and the search's best score
+TEST = "test_"  # prefix of the held-out test metrics
+EPOCHS_TRAINED = "epochs_trained"
 
 
 class StoreError(UserError, RuntimeError):
     """The tracking store cannot be used; shown as a one-line error."""
 
 
+# ---------------------------------------------------------------- the store
+
+
 def store_uri(tracking_uri: str | None = None) -> str:
     """Explicit URI, else MLFLOW_TRACKING_URI, else SQLite under ./mlruns."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
+    return uri or f"{SQLITE}{(STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store URI; None for any other store."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
 
 
 def _is_default_local(uri: str) -> bool:
-    return uri == f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
+    return uri == f"{SQLITE}{(STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def client(tracking_uri: str | None = None, create: bool = True) -> MlflowClient:
+    """A client on the store; a new SQLite store is created by one process at a time (MLflow's schema migration
+    crashes when two processes create the same file at once)."""
+    uri = store_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is None:
+        # A tracking server's client prints two links per ended run on stdout, amid covidsearch's own output;
+        # set here, before any trial process starts, so those inherit it.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        return MlflowClient(uri)
+    if not db.exists() and not create:
+        raise StoreError(f"no tracking store at {db} yet: start a search with `covidsearch run`")
+    with store_lock(db):
+        _check_writable_sqlite(db)
+        found = MlflowClient(uri)
+        try:
+            found.search_experiments(max_results=1)  # creates and migrates the tables, under the lock
+        except MlflowException as err:
+            raise StoreError(f"cannot use tracking store {uri}: {str(err).splitlines()[0]}") from None
+        return found
+
+
+@contextlib.contextmanager
+def store_lock(db: Path) -> Iterator[None]:
+    """Exclusive use of a SQLite store's lock file: what must not happen in two processes at once."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def connect(tracking_uri: str | None = None, experiment: str | None = None,
             create: bool = True) -> tuple[MlflowClient, str]:
-    """Point MLflow at the store and return a client and the experiment id."""
-    uri = store_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    if not uri.startswith("sqlite:///"):
-        # A tracking server's client prints two links per ended run on stdout, amid covidsearch's own output;
-        # set here, before any trial process starts, so those inherit it.
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        return _experiment(MlflowClient(uri), uri, experiment or DEFAULT_EXPERIMENT, create)
-    db = Path(uri[len("sqlite:///"):])
-    if not create and not db.exists():
-        raise StoreError(f"no tracking store at {db} yet: start a search with `covidsearch run`")
-    _check_writable_sqlite(db)
-    with open(f"{db}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process creates the tables and the experiment; others wait
-        return _experiment(MlflowClient(uri), uri, experiment or DEFAULT_EXPERIMENT, create)
+    """A client on the store and the experiment's id (created, as a model-training experiment, when asked)."""
+    found = client(tracking_uri, create)
+    db = sqlite_path(store_uri(tracking_uri))
+    with store_lock(db) if db else contextlib.nullcontext():  # one process creates the experiment; others wait
+        return found, _experiment(found, store_uri(tracking_uri), experiment or DEFAULT_EXPERIMENT, create)
 
 
-def _experiment(client: MlflowClient, uri: str, name: str, create: bool) -> tuple[MlflowClient, str]:
+def _experiment(found: MlflowClient, uri: str, name: str, create: bool) -> str:
     """The experiment's id, created with artifacts under mlruns/ when the store is the default one."""
     try:
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            return client, found.experiment_id
+        existing = found.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
         if not create:
             raise StoreError(f"no experiment {name!r} in {uri}")
         location = (STORE_DIR / "artifacts").resolve().as_uri() if _is_default_local(uri) else None
-        return client, client.create_experiment(name, artifact_location=location)
+        return found.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except MlflowException as err:
         raise StoreError(f"cannot use tracking store {uri}: {str(err).splitlines()[0]}") from None
 
@@ -71,7 +149,6 @@ def _experiment(client: MlflowClient, uri: str, name: str, create: bool) -> tupl
 def _check_writable_sqlite(db: Path) -> None:
     """Fail early and clearly when the SQLite store cannot be created or written."""
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(db, timeout=30) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS covidsearch_probe (x INTEGER)")
             conn.execute("DROP TABLE covidsearch_probe")
@@ -79,92 +156,336 @@ def _check_writable_sqlite(db: Path) -> None:
         raise StoreError(f"cannot write tracking store {db}: {err}") from None
 
 
-def create_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str],
+# ---------------------------------------------------------------- runs
+
+
+def create_run(found: MlflowClient, experiment_id: str, name: str, tags: dict[str, str],
                parent_id: str | None = None) -> str:
-    """A new RUNNING run; a trial run is nested under its search run."""
-    tags = {"mlflow.runName": name, **tags}
+    """A new RUNNING run with its source and user (the UI's columns); a trial run is nested under its search."""
+    tags = {RUN_NAME: name, "mlflow.user": _user(), "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"covidsearch {sys.argv[1] if len(sys.argv) > 1 else ''}".strip(), **tags}
     if parent_id:
-        tags["mlflow.parentRunId"] = parent_id
-    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+        tags[PARENT] = parent_id
+    return found.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
 
-def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        return str(os.getuid())
+
+
+def end_run(found: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
     """Terminate a run, recording the error text on failure."""
     if error:
-        client.set_tag(run_id, "error", error[-4900:])
-        client.set_tag(run_id, "mlflow.note.content", f"```\n{error[-20000:]}\n```")
-    client.set_terminated(run_id, status=status)
+        found.set_tag(run_id, ERROR, error[-4900:])
+        found.set_tag(run_id, NOTE, f"```\n{error[-20000:]}\n```")
+    found.set_terminated(run_id, status=status)
 
 
-def close_orphans(client: MlflowClient, experiment_id: str, parent_id: str, status: str = "KILLED",
-                  worker_id: str | None = None) -> list[str]:
-    """Runs of this search (or of one worker) left RUNNING by a killed process: end them so none stays RUNNING."""
-    runs = client.search_runs([experiment_id], _children(parent_id, worker_id) + " and attributes.status = 'RUNNING'",
-                              max_results=1000)
-    for run in runs:
-        end_run(client, run.info.run_id, status, "the process running this trial ended before it finished")
-    return [r.info.run_id for r in runs]
+def get_run(found: MlflowClient, run_id: str) -> mlflow.entities.Run:
+    """A run by id in any experiment of the store, or a one-line error naming it."""
+    try:
+        return found.get_run(run_id)
+    except MlflowException:
+        raise StoreError(f"unknown run id {run_id!r} in {found.tracking_uri}") from None
 
 
-def trial_runs(client: MlflowClient, experiment_id: str, parent_id: str,
-               worker_id: str | None = None) -> list[mlflow.entities.Run]:
-    """Every child run of a search, or those one worker of a distributed search ran."""
-    return client.search_runs([experiment_id], _children(parent_id, worker_id), max_results=10000)
+def metrics(values: dict[str, float], step: int = 0, **link: Any) -> list[Metric]:
+    """MLflow metrics of the finite values, at one time and step (link: model_id, dataset_name, dataset_digest)."""
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step, **link) for k, v in values.items() if v is not None and math.isfinite(v)]
 
 
-def _children(parent_id: str, worker_id: str | None) -> str:
-    worker = f" and tags.covidsearch_worker_id = '{worker_id}'" if worker_id else ""
-    return f"tags.mlflow.parentRunId = '{parent_id}'{worker}"
+def params(values: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)) for k, v in sorted(values.items())]
 
 
-def trial_model(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str | None:
-    """The logged model of a search's FINISHED trial, wherever it ran (a Hyperband round continues from it)."""
-    runs = client.search_runs([experiment_id], f"{_children(parent_id, None)} and attributes.status = 'FINISHED' "
-                                               f"and tags.covidsearch_trial_id = '{trial_id}'", max_results=1)
-    if not runs:
-        return None
-    models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{runs[0].info.run_id}'",
-                                         max_results=1)
-    return models[0].model_id if models else None
+# ---------------------------------------------------------------- searches
 
 
-def latest_search(client: MlflowClient, experiment_id: str) -> str:
+def provenance() -> dict[str, str]:
+    """Git commit, Python, Keras backend and package versions: what a result can be traced back to."""
+    import keras
+
+    tags = {"git_commit": _git_commit(), "mlflow.source.git.commit": _git_commit(), "python": sys.version.split()[0],
+            "keras_backend": keras.backend.backend()}
+    for package in ("covidsearch", "keras", "keras-tuner", "mlflow", "tensorflow", "jax", "numpy", "scikit-learn"):
+        with contextlib.suppress(PackageNotFoundError):
+            tags[f"version.{package}"] = version(package)
+    return tags
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def start_search(found: MlflowClient, experiment_id: str, name: str, settings: dict[str, Any], fingerprint: str,
+                 records: Path) -> str:
+    """The search's parent run with its settings, provenance and the files in `records` (data summary, split)."""
+    run_id = create_run(found, experiment_id, name, {KIND: SEARCH, DATA_FINGERPRINT: fingerprint, **provenance()})
+    found.log_batch(run_id, params=params(settings))
+    found.log_artifacts(run_id, str(records), SEARCH_RECORDS)
+    return run_id
+
+
+def mark_search(found: MlflowClient, run_id: str, key: str, oracle: str | None) -> None:
+    """RUNNING again (a resumed search) with the key and oracle address workers find it by."""
+    found.update_run(run_id, "RUNNING")
+    found.set_tag(run_id, SEARCH_KEY, key)
+    found.set_tag(run_id, ORACLE, oracle or "none")
+
+
+def latest_search(found: MlflowClient, experiment_id: str) -> str:
     """The most recent search run of the experiment."""
-    runs = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'", max_results=1,
-                              order_by=["attributes.start_time DESC"])
+    runs = found.search_runs([experiment_id], f"tags.{KIND} = '{SEARCH}'", max_results=1,
+                             order_by=["attributes.start_time DESC"])
     if not runs:
         raise StoreError("no search in this store yet: start one with `covidsearch run`")
     return runs[0].info.run_id
 
 
-def get_run(client: MlflowClient, run_id: str) -> mlflow.entities.Run:
-    """A run by id, or a one-line error naming it."""
+def search_id(found: MlflowClient, experiment: str | None, given: str | None) -> str:
+    """The search run given by id (in whichever experiment it is), else the experiment's latest."""
+    if given:
+        run = get_run(found, given)
+        if run.data.tags.get(KIND) != SEARCH:
+            raise StoreError(f"run {given} is not a search run: pass a search run id (see `covidsearch runs`)")
+        return given
+    experiment_id = _experiment(found, found.tracking_uri, experiment or DEFAULT_EXPERIMENT, create=False)
+    return latest_search(found, experiment_id)
+
+
+def running_chiefs(found: MlflowClient, experiment_id: str) -> list[mlflow.entities.Run]:
+    """RUNNING search runs whose chief serves an oracle (a distributed search workers may join)."""
+    runs = found.search_runs([experiment_id], f"tags.{KIND} = '{SEARCH}' and attributes.status = 'RUNNING'",
+                             max_results=1000)
+    return [r for r in runs if r.data.tags.get(ORACLE, "none") != "none"]
+
+
+def end_search(found: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """The search run ends; no trial of it stays RUNNING."""
+    close_orphans(found, run_id, "FAILED" if status == "FAILED" else "KILLED")
+    end_run(found, run_id, status, error)
+
+
+def record_best(found: MlflowClient, search_run_id: str, objective: str) -> None:
+    """Keep the search run's best trial id and score current after every trial."""
+    rows = [r for r in leaderboard(found, search_run_id) if r["status"] == "FINISHED" and r["objective"] is not None]
+    if rows:
+        found.set_tag(search_run_id, BEST_TRIAL, rows[0]["run_id"])
+        found.log_metric(search_run_id, f"{BEST}{objective}", rows[0]["objective"])
+
+
+# ---------------------------------------------------------------- trials
+
+
+def start_trial(found: MlflowClient, search_run_id: str, trial_id: str, worker_id: str, baseline: bool,
+                config: dict[str, Any], warm_start: str | None = None) -> str:
+    """A trial's RUNNING child run with its hyperparameters and settings, before its worker trains it."""
+    parent = get_run(found, search_run_id)
+    tags = {KIND: TRIAL, TRIAL_ID: trial_id, WORKER_ID: worker_id, BASELINE: str(baseline).lower()}
+    if warm_start is not None:
+        tags[WARM_START] = warm_start
+    run_id = create_run(found, parent.info.experiment_id, f"trial-{trial_id}", tags, parent_id=search_run_id)
+    found.log_batch(run_id, params=params(config))
+    return run_id
+
+
+def finish_trial(found: MlflowClient, run_id: str) -> None:
+    """FINISHED, once the search has the trial's result: a trial never reads FINISHED to a search that lost it."""
+    found.set_terminated(run_id, "FINISHED")
+
+
+def fail_trial(found: MlflowClient, run_id: str, error: str) -> None:
+    """FAILED with the error, unless the trial's own process already ended it."""
+    if found.get_run(run_id).info.status == "RUNNING":
+        end_run(found, run_id, "FAILED", error)
+
+
+def trial_result(found: MlflowClient, search_run_id: str, trial_id: str) -> dict[str, float] | None:
+    """The best validation metrics of this trial's FINISHED run, if one was already recorded (a search
+    interrupted between the record and Keras Tuner's own state): so no trial runs twice."""
+    runs = _search(found, search_run_id, f"{_children(search_run_id, None)} and attributes.status = 'FINISHED' "
+                                         f"and tags.{TRIAL_ID} = '{trial_id}'")
+    if not runs:
+        return None
+    return {k[len(BEST):]: v for k, v in runs[0].data.metrics.items() if k.startswith(BEST)}
+
+
+@contextlib.contextmanager
+def heartbeat(found: MlflowClient, run_id: str) -> Iterator[None]:
+    """While the block runs, the trial run's HEARTBEAT tag says every HEARTBEAT_SECONDS that its process lives:
+    a second worker claiming the same id can then tell a live trial from one a killed worker left RUNNING."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.is_set():
+            with contextlib.suppress(MlflowException, OSError):  # a missed beat only makes the trial look older
+                found.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
+            done.wait(HEARTBEAT_SECONDS)
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{run_id[:8]}")
+    thread.start()
     try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise StoreError(f"unknown run id {run_id!r} in {mlflow.get_tracking_uri()}") from None
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
-def leaderboard(client: MlflowClient, experiment_id: str, search_id: str) -> list[dict[str, Any]]:
+def live_trials(found: MlflowClient, search_run_id: str, worker_id: str) -> list[str]:
+    """RUNNING trial runs of this worker id whose process beat within three heartbeats: a live worker's."""
+    recent = time.time() - 3 * HEARTBEAT_SECONDS
+    runs = _search(found, search_run_id, _children(search_run_id, worker_id) + " and attributes.status = 'RUNNING'")
+    return [r.info.run_id for r in runs if float(r.data.tags.get(HEARTBEAT, "0")) >= recent]
+
+
+def close_orphans(found: MlflowClient, parent_id: str, status: str = "KILLED",
+                  worker_id: str | None = None) -> list[str]:
+    """Runs of this search (or of one worker) left RUNNING by a killed process: end them so none stays RUNNING."""
+    runs = _search(found, parent_id, _children(parent_id, worker_id) + " and attributes.status = 'RUNNING'")
+    for run in runs:
+        end_run(found, run.info.run_id, status, "the process running this trial ended before it finished")
+    return [r.info.run_id for r in runs]
+
+
+def trial_runs(found: MlflowClient, parent_id: str, worker_id: str | None = None) -> list[mlflow.entities.Run]:
+    """Every child run of a search, or those one worker of a distributed search ran."""
+    return _search(found, parent_id, _children(parent_id, worker_id))
+
+
+def _search(found: MlflowClient, parent_id: str, filter_string: str) -> list[mlflow.entities.Run]:
+    """Runs of the parent's experiment that match the filter."""
+    return found.search_runs([get_run(found, parent_id).info.experiment_id], filter_string, max_results=10000)
+
+
+def _children(parent_id: str, worker_id: str | None) -> str:
+    worker = f" and tags.{WORKER_ID} = '{worker_id}'" if worker_id else ""
+    return f"tags.{PARENT} = '{parent_id}'{worker}"
+
+
+def trial_model(found: MlflowClient, parent_id: str, trial_id: str) -> str | None:
+    """The logged model of a search's FINISHED trial, wherever it ran (a Hyperband round continues from it)."""
+    runs = _search(found, parent_id, f"{_children(parent_id, None)} and attributes.status = 'FINISHED' "
+                                     f"and tags.{TRIAL_ID} = '{trial_id}'")
+    if not runs:
+        return None
+    return logged_model(found, runs[0])
+
+
+def logged_model(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
+    """The READY logged model a trial saved, if any (a failed trial usually has none)."""
+    models = found.search_logged_models([run.info.experiment_id], filter_string=(
+        f"source_run_id = '{run.info.run_id}' AND name = '{MODEL}'"))
+    ready = [m for m in models if m.status == "READY"]
+    return ready[0].model_id if ready else None
+
+
+def leaderboard(found: MlflowClient, search_run_id: str) -> list[dict[str, Any]]:
     """Trials of a search, best objective first, with what a user compares."""
-    parent = get_run(client, search_id)
+    parent = get_run(found, search_run_id)
     objective = parent.data.params.get("objective", "val_loss")
     direction = parent.data.params.get("objective_direction", "min")
     rows = []
-    for run in trial_runs(client, experiment_id, search_id):
-        m, p = run.data.metrics, run.data.params
+    for run in trial_runs(found, search_run_id):
+        m = run.data.metrics
         rows.append({
             "run_id": run.info.run_id,
-            "trial": run.data.tags.get("covidsearch_trial_id", ""),
+            "trial": run.data.tags.get(TRIAL_ID, ""),
             "status": run.info.status,
-            "baseline": run.data.tags.get("baseline") == "true",
-            "params": {k: v for k, v in p.items()},
-            "objective": m.get(f"best_{objective}"),
-            "test_accuracy": m.get("test_accuracy"),
-            "test_sensitivity_covid_19": m.get("test_sensitivity_covid_19"),
-            "epochs": m.get("epochs_trained"),
+            "baseline": run.data.tags.get(BASELINE) == "true",
+            "params": dict(run.data.params),
+            "objective": m.get(f"{BEST}{objective}"),
+            "test_accuracy": m.get(f"{TEST}accuracy"),
+            "test_sensitivity_covid_19": m.get(f"{TEST}sensitivity_covid_19"),
+            "epochs": m.get(EPOCHS_TRAINED),
         })
     sign = 1 if direction == "min" else -1
     rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0.0)))
     return rows
 
+
+class TrialRecord:
+    """What a trial's worker process writes to its run: epochs, test metrics, the model, figures. The run stays
+    RUNNING (the search ends it once it has the result); an error fails it with the traceback."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        # MLflow files a logged model under the process's current experiment, whatever run it names
+        mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
+
+    def log_epoch(self, values: dict[str, float], step: int) -> None:
+        self.client.log_batch(self.run_id, metrics=metrics(values, step))
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        self.client.log_batch(self.run_id, metrics=metrics(values))
+
+    def log_table(self, table: dict[str, list], name: str = CONFUSION) -> None:
+        self.client.log_table(self.run_id, table, name)
+
+    def log_figures(self, folder: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), FIGURES)
+
+    def log_model(self, model: Any, example: Any, output: Any, requirements: list[str]) -> None:
+        """The model as an MLflow 3 logged model (.keras, with its signature) of this run."""
+        from mlflow.models import Model, infer_signature
+
+        from . import held_stderr
+
+        with held_stderr():  # the keras flavour imports TensorFlow, even on the JAX backend
+            Model.log(artifact_path=None, name=MODEL, flavor=mlflow.keras, model=model, run_id=self.run_id,
+                      signature=infer_signature(example, output), pip_requirements=requirements)
+
+    def fail(self, error: str, traceback_text: str) -> None:
+        self.client.set_tag(self.run_id, ERROR, error[:4900])
+        self.client.set_tag(self.run_id, NOTE, f"```\n{traceback_text[-20000:]}\n```")
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+# ---------------------------------------------------------------- evaluations and reports
+
+
+def log_evaluation(found: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], values: dict[str, float],
+                   table: dict[str, list], dataset: Any, model_id: str | None) -> str:
+    """An evaluation run whose metrics MLflow 3 also links to the model's LoggedModel (and the dataset)."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+
+    run_id = create_run(found, experiment_id, name, {KIND: EVALUATION, **tags})
+    found.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])],
+                     models=[LoggedModelInput(model_id)] if model_id else None)
+    found.log_batch(run_id, metrics=metrics({f"eval_{k}": v for k, v in values.items()}, model_id=model_id,
+                                            dataset_name=dataset.name, dataset_digest=dataset.digest))
+    found.log_table(run_id, table, CONFUSION)
+    found.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_report(found: MlflowClient, run_id: str, page: str) -> None:
+    """The HTML report as the search run's REPORT artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(REPORT).name
+        copy.write_text(page, encoding="utf-8")
+        found.log_artifact(run_id, str(copy), str(Path(REPORT).parent))
+
+
+def artifacts(found: MlflowClient, run_id: str, folder: str, names: Any) -> dict[str, bytes]:
+    """The named files of a run's artifact folder that exist (older runs may lack some), as bytes."""
+    present = {Path(a.path).name for a in found.list_artifacts(run_id, folder)}
+    with tempfile.TemporaryDirectory() as tmp:
+        return {name: Path(found.download_artifacts(run_id, f"{folder}/{name}", tmp)).read_bytes()
+                for name in names if name in present}
+
+
+def search_records(found: MlflowClient, run_id: str) -> dict[str, Any]:
+    """The search run's data summary and leakage report (empty when not recorded)."""
+    files = artifacts(found, run_id, SEARCH_RECORDS, (DATASET, LEAKAGE, SKIPPED))
+    return {"summary": json.loads(files.get(DATASET, b"{}")), "leakage": json.loads(files.get(LEAKAGE, b"{}")),
+            "skipped": files.get(SKIPPED, b"").decode()}

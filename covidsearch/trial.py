@@ -1,31 +1,24 @@
 """One trial: build the model, fit it as the tutorial does, evaluate on the held-out test set, log.
 
-`run` executes inside a worker process (see search.py), so a crash, an out-of-memory kill or
+`run` executes inside a worker process (see workers.py), so a crash, an out-of-memory kill or
 leaked framework memory ends with that process and never reaches the search.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 import resource
-import signal
-import sys
+import tempfile
 import time
 import traceback
-from importlib.metadata import version
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import keras
-import mlflow
 import numpy as np
-from mlflow.entities import Metric
-from mlflow.models import infer_signature
 
-from . import data, held_stderr, metrics, models, plots, progress
+from . import data, metrics, models, plots, progress, tracking
 
 
 @dataclass
@@ -61,88 +54,60 @@ class TrialFailed(RuntimeError):
     """The trial could not produce a usable model (NaN loss, bad configuration, ...)."""
 
 
-def serve_fd(fd: str, trials: str, device_share: str) -> None:
-    """Entry point of a worker process (see search.Workers): serve trials on the inherited socket."""
-    serve(Connection(int(fd)), int(trials), float(device_share))
-
-
-def serve(conn: Connection, trials: int, device_share: float = 1.0) -> None:
-    """Worker process main loop: run up to `trials` trials sent over the pipe, reply (ok, result)."""
-    _die_with_parent()
-    # Take GPU memory as needed, up to this worker's share: a standby worker and the trials sharing
-    # a GPU must not each grab JAX's default 75% (TensorFlow: grow on demand).
-    os.environ.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true",
-                      XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 * device_share:.3f}")
-    keras.ops.convert_to_tensor(np.zeros(1))  # start the accelerator runtime while still on standby
-    for _ in range(trials):
-        try:
-            spec, plan = conn.recv()
-        except EOFError:  # the search ended or retired this worker before using it
-            return
-        try:
-            conn.send((True, run(spec, plan)))
-        except TrialFailed as err:
-            conn.send((False, str(err)))
-
-
-def _die_with_parent() -> None:
-    """On Linux, a worker whose search process is killed (kill -9) is killed too, never orphaned."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
-
-
 def run(spec: Spec, plan: Plan) -> dict[str, float]:
     """Train and evaluate one trial; return the best epoch's validation metrics for the oracle."""
-    mlflow.set_tracking_uri(plan.tracking_uri)
-    client = mlflow.tracking.MlflowClient(plan.tracking_uri)
+    record = tracking.TrialRecord(plan.tracking_uri, spec.run_id)
+    try:
+        return _train_and_evaluate(spec, plan, record)
+    except Exception as err:  # any error of the trial's own code fails this trial only, with its traceback
+        message = f"{type(err).__name__}: {err}"
+        record.fail(message, traceback.format_exc())
+        raise TrialFailed(message) from None
+
+
+def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) -> dict[str, float]:
+    """Fit as the tutorial does, keep the best checkpoint, score it on the test split, log model and figures."""
     started = time.perf_counter()
-    with mlflow.start_run(run_id=spec.run_id):
-        try:
-            keras.utils.set_random_seed(plan.seed + int(spec.trial_id))
-            _set_precision(plan.precision)
-            _share_compilations(plan.cache_dir)
-            x_train, y_train, x_val, y_val, x_test, y_test = _arrays(spec.config, plan)
-            classes = plan.dataset.classes
-            model = _build(spec, len(classes))
-            weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
-            validation = ValidationMetrics(x_val, y_val, classes, int(spec.config["batch_size"]))
-            logger = EpochLogger(client, spec)
-            history = model.fit(
-                x_train, keras.utils.to_categorical(y_train, len(classes)),
-                batch_size=int(spec.config["batch_size"]), epochs=spec.epochs, initial_epoch=spec.initial_epoch,
-                class_weight=plan.class_weights, shuffle=True, verbose=0,
-                callbacks=[validation, keras.callbacks.TerminateOnNaN(),
-                           keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(spec.config["patience"]),
-                                                         min_delta=float(spec.config["min_delta"]), mode="min",
-                                                         restore_best_weights=True),
-                           keras.callbacks.ModelCheckpoint(weights_path, monitor="val_loss", mode="min",
-                                                           save_best_only=True, save_weights_only=True),
-                           logger],
-            )
-            losses = history.history.get("loss", [])
-            if not losses or any(not math.isfinite(v) for v in losses):
-                raise TrialFailed(f"training loss became NaN or infinite after {len(losses)} epoch(s)")
-            model.load_weights(weights_path)
-            best = validation.best(plan.objective)
-            test_probs = model.predict(x_test, batch_size=int(spec.config["batch_size"]), verbose=0)
-            test = metrics.evaluate(y_test, test_probs, classes)
-            client.log_batch(spec.run_id, metrics=_metric_list({f"test_{k}": v for k, v in test.items()}))
-            mlflow.log_table(metrics.confusion_table(y_test, test_probs, classes), "confusion_matrix.json")
-            _log_model(model, x_test[:2], test_probs[:2])
-            plots.log_trial_figures(model, x_test, y_test, test_probs, classes, history.history, validation.epochs,
-                                    spec.initial_epoch)
-            mlflow.log_metrics({"epochs_trained": len(losses) + spec.initial_epoch,
-                                "trial_seconds": time.perf_counter() - started,
-                                "worker_peak_rss_mb": _peak_rss_mb(),
-                                **{f"best_{k}": v for k, v in best.items()}})
-            return best
-        except Exception as err:
-            client.set_tag(spec.run_id, "error", f"{type(err).__name__}: {err}"[:4900])
-            client.set_tag(spec.run_id, "mlflow.note.content", f"```\n{traceback.format_exc()[-20000:]}\n```")
-            mlflow.end_run("FAILED")
-            raise TrialFailed(f"{type(err).__name__}: {err}") from None
+    keras.utils.set_random_seed(plan.seed + int(spec.trial_id))
+    _set_precision(plan.precision)
+    _share_compilations(plan.cache_dir)
+    x_train, y_train, x_val, y_val, x_test, y_test = _arrays(spec.config, plan)
+    classes = plan.dataset.classes
+    model = _build(spec, len(classes))
+    weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
+    batch_size = int(spec.config["batch_size"])
+    validation = ValidationMetrics(x_val, y_val, classes, batch_size)
+    history = model.fit(
+        x_train, keras.utils.to_categorical(y_train, len(classes)),
+        batch_size=batch_size, epochs=spec.epochs, initial_epoch=spec.initial_epoch,
+        class_weight=plan.class_weights, shuffle=True, verbose=0,
+        callbacks=[validation, keras.callbacks.TerminateOnNaN(),
+                   keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(spec.config["patience"]),
+                                                 min_delta=float(spec.config["min_delta"]), mode="min",
+                                                 restore_best_weights=True),
+                   keras.callbacks.ModelCheckpoint(weights_path, monitor="val_loss", mode="min",
+                                                   save_best_only=True, save_weights_only=True),
+                   EpochLogger(record, spec)],
+    )
+    losses = history.history.get("loss", [])
+    if not losses or any(not math.isfinite(v) for v in losses):
+        raise TrialFailed(f"training loss became NaN or infinite after {len(losses)} epoch(s)")
+    model.load_weights(weights_path)
+    best = validation.best(plan.objective)
+    test_probs = model.predict(x_test, batch_size=batch_size, verbose=0)
+    record.log_metrics({f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()})
+    record.log_table(metrics.confusion_table(y_test, test_probs, classes))
+    record.log_model(model, x_test[:2], test_probs[:2], _requirements())
+    figures_started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        plots.write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, history.history,
+                                  validation.epochs, spec.initial_epoch)
+        record.log_figures(Path(tmp))
+    record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
+                        "figures_seconds": time.perf_counter() - figures_started,
+                        "trial_seconds": time.perf_counter() - started, "worker_peak_rss_mb": _peak_rss_mb(),
+                        **{f"{tracking.BEST}{k}": v for k, v in best.items()}})
+    return best
 
 
 def _set_precision(precision: str) -> None:
@@ -189,17 +154,12 @@ def _build(spec: Spec, n_classes: int) -> Any:
     """The model, continuing from the previous Hyperband round's weights when there is one."""
     model = models.build(spec.config, n_classes)
     if spec.warm_start and spec.warm_start.startswith("models:/"):  # that round ran on another machine
+        import mlflow
+
         model.set_weights(mlflow.keras.load_model(spec.warm_start).get_weights())
     elif spec.warm_start:
         model.load_weights(spec.warm_start)
     return model
-
-
-def _log_model(model: Any, x_example: np.ndarray, probs: np.ndarray) -> None:
-    """The best checkpoint as an MLflow 3 logged model (.keras) with its signature."""
-    with held_stderr():  # the keras flavour imports TensorFlow, even on the JAX backend
-        mlflow.keras.log_model(model, name="model", signature=infer_signature(x_example, probs),
-                               pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:
@@ -218,11 +178,6 @@ def _peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _metric_list(values: dict[str, float], step: int = 0) -> list:
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v)]
 
 
 class ValidationMetrics(keras.callbacks.Callback):
@@ -259,12 +214,11 @@ class ValidationMetrics(keras.callbacks.Callback):
 class EpochLogger(keras.callbacks.Callback):
     """Per-epoch train and validation metrics to the trial's MLflow run and the progress display."""
 
-    def __init__(self, client: Any, spec: Spec):
+    def __init__(self, record: tracking.TrialRecord, spec: Spec):
         super().__init__()
-        self.client, self.spec = client, spec
+        self.record, self.spec = record, spec
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         values = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
-        self.client.log_batch(self.spec.run_id, metrics=_metric_list(values, step=epoch))
+        self.record.log_epoch(values, step=epoch)
         progress.epoch_line(self.spec.progress, self.spec.label, epoch, self.spec.epochs, values)
-

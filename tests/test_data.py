@@ -86,21 +86,21 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
 
 def palette_image(color: tuple[int, int, int]) -> Image.Image:
     """A mode-P image whose every pixel is palette entry 0."""
-    image = Image.new("P", (20, 30), 0)
+    image = Image.new("P", (32, 40), 0)
     image.putpalette([*color, *[0] * 765])
     return image
 
 
 ORANGE = (200, 100, 50)
 MODES = {  # file -> (bytes, expected RGB, expected gray, tolerance)
-    "gray.png": (_encoded(Image.new("L", (20, 30), 120), "PNG"), (120, 120, 120), 120, 0),
-    "rgb.png": (_encoded(Image.new("RGB", (20, 30), ORANGE), "PNG"), ORANGE, 124, 0),
-    "rgba.png": (_encoded(Image.new("RGBA", (20, 30), (*ORANGE, 255)), "PNG"), ORANGE, 124, 0),
+    "gray.png": (_encoded(Image.new("L", (32, 40), 120), "PNG"), (120, 120, 120), 120, 0),
+    "rgb.png": (_encoded(Image.new("RGB", (32, 40), ORANGE), "PNG"), ORANGE, 124, 0),
+    "rgba.png": (_encoded(Image.new("RGBA", (32, 40), (*ORANGE, 255)), "PNG"), ORANGE, 124, 0),
     "palette.png": (_encoded(palette_image(ORANGE), "PNG"), ORANGE, 124, 0),
-    "white16.png": (_encoded(Image.fromarray(np.full((30, 20), 65535, np.uint16)), "PNG"), (255, 255, 255), 255, 0),
-    "mid16.png": (_encoded(Image.fromarray(np.full((30, 20), 32896, np.uint16)), "PNG"), (128, 128, 128), 128, 0),
-    "cmyk.jpg": (_encoded(Image.new("CMYK", (20, 30), (0, 0, 0, 0)), "JPEG"), (255, 255, 255), 255, 2),
-    "gray.jpg": (_encoded(Image.new("L", (20, 30), 120), "JPEG"), (120, 120, 120), 120, 2),
+    "white16.png": (_encoded(Image.fromarray(np.full((40, 32), 65535, np.uint16)), "PNG"), (255, 255, 255), 255, 0),
+    "mid16.png": (_encoded(Image.fromarray(np.full((40, 32), 32896, np.uint16)), "PNG"), (128, 128, 128), 128, 0),
+    "cmyk.jpg": (_encoded(Image.new("CMYK", (32, 40), (0, 0, 0, 0)), "JPEG"), (255, 255, 255), 255, 2),
+    "gray.jpg": (_encoded(Image.new("L", (32, 40), 120), "JPEG"), (120, 120, 120), 120, 2),
 }
 
 
@@ -148,6 +148,92 @@ def test_bad_files_are_skipped_and_listed_and_good_files_remain(tmp_path):
                        "COVID-19/truncated.png": "unreadable image: image file is truncated",
                        "NORMAL/text.png": "not an image",
                        "Viral Pneumonia/notes.txt": "not an image"}
+
+
+def refuse(monkeypatch: pytest.MonkeyPatch, method: str, locked: Path) -> None:
+    """Make Path.<method> refuse `locked` as the OS refuses a user without permission (the tests run as root,
+    which may read anything)."""
+    real = getattr(Path, method)
+
+    def guarded(self: Path):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+    monkeypatch.setattr(Path, method, guarded)
+
+
+def test_a_file_i_may_not_read_is_skipped_and_listed_and_read_again_once_allowed(tmp_path, monkeypatch):
+    make_classes(tmp_path, 3)
+    locked = tmp_path / "NORMAL" / "001.png"
+    refuse(monkeypatch, "read_bytes", locked)
+
+    dataset = data.scan(tmp_path, cache_dir=tmp_path / "cache")
+    assert dataset.skipped == [(str(locked), "cannot read the file: Permission denied")]
+    assert dataset.counts() == {"COVID-19": 3, "Normal": 2, "Viral Pneumonia": 3}
+    monkeypatch.undo()  # the user fixes the permissions: size and mtime stay the same
+    assert data.scan(tmp_path, cache_dir=tmp_path / "cache").skipped == []
+
+
+@pytest.mark.parametrize("folder", ["NORMAL", ""])
+def test_a_folder_i_may_not_read_is_a_one_line_error_naming_it(tmp_path, monkeypatch, folder):
+    make_classes(tmp_path, 3)
+    locked = tmp_path / folder  # a class folder, or the data folder itself
+    refuse(monkeypatch, "iterdir", locked)
+    with pytest.raises(data.DataError) as err:
+        data.scan(tmp_path)
+    assert str(err.value) == f"cannot read folder {locked}: Permission denied"
+
+
+def test_images_smaller_than_the_minimum_side_are_skipped_and_listed(tmp_path):
+    make_classes(tmp_path, 3)
+    side = data.MIN_IMAGE_SIDE
+    picture(1, size=1).save(tmp_path / "NORMAL" / "dot.png")
+    Image.new("L", (side, side - 1), 100).save(tmp_path / "NORMAL" / "strip.png")
+    picture(2, size=side).save(tmp_path / "NORMAL" / "smallest.png")
+
+    dataset = data.scan(tmp_path)
+    reasons = {Path(path).relative_to(tmp_path).as_posix(): reason for path, reason in dataset.skipped}
+    assert reasons == {"NORMAL/dot.png": "image is 1x1 px; images smaller than 32 px on a side are skipped",
+                       "NORMAL/strip.png": "image is 32x31 px; images smaller than 32 px on a side are skipped"}
+    assert "NORMAL/smallest.png" in [s.name for s in dataset.samples]
+
+
+def test_broken_links_and_link_loops_are_skipped_and_listed(tmp_path):
+    make_classes(tmp_path, 3)
+    normal = tmp_path / "NORMAL"
+    (normal / "moved.png").symlink_to("deleted.png")
+    (normal / "a.png").symlink_to("b.png")
+    (normal / "b.png").symlink_to("a.png")
+    (normal / "again").symlink_to(normal, target_is_directory=True)  # a recursive walk would never end
+    (normal / "up").symlink_to(tmp_path, target_is_directory=True)
+    (normal / "linked.png").symlink_to(normal / "000.png")  # a link to an image is that image
+
+    dataset = data.scan(tmp_path)
+    reasons = {Path(path).relative_to(tmp_path).as_posix(): reason for path, reason in dataset.skipped}
+    circle = "symlink loop: the links lead round in a circle, never to a file"
+    assert reasons == {"NORMAL/moved.png": "broken symlink: deleted.png does not exist",
+                       "NORMAL/a.png": circle, "NORMAL/b.png": circle,
+                       "NORMAL/again": f"symlink loop: leads back to {normal.resolve()}, a folder that contains it",
+                       "NORMAL/up": f"symlink loop: leads back to {tmp_path.resolve()}, a folder that contains it"}
+    assert "NORMAL/linked.png" in [s.name for s in dataset.samples]
+
+
+def test_skipped_lines_give_the_count_the_first_few_files_and_where_all_are_listed(tmp_path):
+    make_classes(tmp_path, 3)
+    for i in range(7):
+        (tmp_path / "NORMAL" / f"empty-{i}.png").write_bytes(b"")
+    dataset = data.scan(tmp_path)
+    listed = "search/skipped_files.csv"
+
+    assert data.skipped_lines(dataset, listed, shown=2) == [
+        "skipped 7 file(s) that cannot be used, all listed in search/skipped_files.csv:",
+        "  NORMAL/empty-0.png: empty file",
+        "  NORMAL/empty-1.png: empty file",
+        "  ... and 5 more",
+    ]
+    assert len(data.skipped_lines(dataset, listed)) == 1 + 5 + 1
+    assert len(data.skipped_lines(dataset, listed, shown=7)) == 1 + 7  # all shown: no "more" line
+    assert data.skipped_lines(data.scan(make_classes(tmp_path / "clean", 3)), listed) == []
 
 
 def test_every_file_is_checked_once(tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def distributed_search(tracking_server: str, xray_dir: Path, tmp_path_factory: p
     late = cli("worker", "--data", str(xray_dir), *args, "--oracle", oracle, cwd=tmp)
     (search,) = _runs(client, experiment, "tags.covidsearch_kind = 'search'")
     return {"client": client, "experiment_id": _experiment(client, experiment), "search": search,
-            "trials": tracking.trial_runs(client, _experiment(client, experiment), search.info.run_id),
+            "trials": tracking.trial_runs(client, search.info.run_id),
             "leaderboard": leaderboard, "workers": said, "refused": refused, "late": late, "uri": tracking_server}
 
 
@@ -187,7 +187,7 @@ def test_a_worker_on_other_images_or_after_the_end_is_turned_away_in_one_line(di
 
 def test_a_trial_can_start_from_the_weights_of_a_model_in_mlflow(distributed_search, tmp_path):
     client, search = distributed_search["client"], distributed_search["search"]
-    model_id = tracking.trial_model(client, distributed_search["experiment_id"], search.info.run_id, "0")
+    model_id = tracking.trial_model(client, search.info.run_id, "0")
     assert model_id is not None
     space = spaces.load("vanilla").pin(["input_size=32"])
     spec = trial.Spec("9", "not-a-run", space.config(space.defaults()), epochs=3, initial_epoch=1,
@@ -279,7 +279,7 @@ def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker
             assert run.data.tags["warm_start"].endswith(f"trial_{previous_id}/best.weights.h5")
         else:  # that round ran on the other worker, whose disk this one cannot read
             search_id = run.data.tags["mlflow.parentRunId"]
-            model_id = tracking.trial_model(client, _experiment(client, experiment), search_id, previous_id)
+            model_id = tracking.trial_model(client, search_id, previous_id)
             assert run.data.tags["warm_start"] == f"models:/{model_id}"
 
 

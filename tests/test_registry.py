@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import cli, small_search
-from covidsearch import registry, tracking
+from covidsearch import inference, registry, tracking
 from covidsearch.cli import main
 
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
@@ -23,7 +23,7 @@ def store(xray_dir, tmp_path_factory):
     client, experiment_id, _ = small_search(work, xray_dir)
     uri = client.tracking_uri
     search = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")[0]
-    best, other = (row["run_id"] for row in tracking.leaderboard(client, experiment_id, search.info.run_id))
+    best, other = (row["run_id"] for row in tracking.leaderboard(client, search.info.run_id))
     return SimpleNamespace(work=work, uri=uri, client=client, experiment_id=experiment_id, search=search,
                            best=best, other=other)
 
@@ -204,7 +204,7 @@ def test_a_bare_keras_file_needs_three_outputs_for_the_default_classes(tmp_path)
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs)))
     model.save(tmp_path / "two.keras")
     with pytest.raises(registry.RegistryError, match="has 2 outputs and no class names"):
-        registry.load(str(tmp_path / "two.keras"))
+        inference.load(str(tmp_path / "two.keras"))
 
 
 def test_evaluate_and_predict_name_what_they_cannot_find_or_read(store, champion, broken_trials, tmp_path, capsys):

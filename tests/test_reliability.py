@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import cli
-from covidsearch import search, tracking, trial
+from covidsearch import tracking, trial, workers
 
 SMALL = ["--tuner", "random", "--max-epochs", "2", "--test-per-class", "8", "--set", "input_size=32", "--quiet"]
 
@@ -173,7 +173,7 @@ def test_two_searches_on_one_store_at_once_both_finish(xray_dir, workdir):
     assert len(searches) == 2 and {s.info.status for s in searches} == {"FINISHED"}
     client, experiment_id = _store(workdir)
     for search in searches:
-        trials = tracking.trial_runs(client, experiment_id, search.info.run_id)
+        trials = tracking.trial_runs(client, search.info.run_id)
         assert sorted(t.info.status for t in trials) == ["FINISHED", "FINISHED"]
 
 
@@ -189,22 +189,14 @@ def test_a_worker_outlives_the_thread_that_started_it(workdir):
         run_id = tracking.create_run(client, experiment_id, f"trial-{n}", {"covidsearch_kind": "trial"})
         return trial.Spec(f"not-a-number-{n}", run_id, {}, epochs=1, initial_epoch=0, trial_dir=str(workdir))
 
-    slot, answers = search.Workers(trials_per_worker=2), []
-
-    def first_trial() -> None:
-        try:
-            slot.run(quick_failure(1), plan)
-        except trial.TrialFailed as err:
-            answers.append(str(err))
-
-    thread = threading.Thread(target=first_trial)
+    pool, answers = workers.Pool(trials_per_worker=2), []
+    thread = threading.Thread(target=lambda: answers.append(pool.run(workers.Task(quick_failure(1), plan)).error))
     thread.start()
     thread.join()
     time.sleep(1)
     try:
-        with pytest.raises(trial.TrialFailed) as second:  # the same worker process serves it, from this thread
-            slot.run(quick_failure(2), plan)
+        second = pool.run(workers.Task(quick_failure(2), plan)).error  # the same worker process serves it, here
     finally:
-        slot.close()
+        pool.close()
     assert answers and answers[0].startswith("ValueError")
-    assert str(second.value).startswith("ValueError"), second.value  # not "the worker process died"
+    assert second.startswith("ValueError"), second  # not "the worker process died"

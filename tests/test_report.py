@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import cli, small_search
-from covidsearch import report
+from covidsearch import report, tracking
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -58,8 +58,8 @@ def test_report_is_one_file_with_everything_inline(reported):
         assert text in page, text
     best = search.data.tags["best_trial_run_id"]
     assert re.search(rf"<tr class='best'><td[^>]*>1</td><td>{best[:12]}</td>", page)
-    assert {a.path for a in client.list_artifacts(search.info.run_id, "report")} == {report.ARTIFACT}
-    logged = Path(client.download_artifacts(search.info.run_id, report.ARTIFACT, str(work)))
+    assert {a.path for a in client.list_artifacts(search.info.run_id, "report")} == {tracking.REPORT}
+    logged = Path(client.download_artifacts(search.info.run_id, tracking.REPORT, str(work)))
     assert logged.read_text(encoding="utf-8") == page
 
 

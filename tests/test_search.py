@@ -25,7 +25,7 @@ def _search_and_trials(client, experiment_id):
     searches = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
     assert len(searches) == 1
     parent = searches[0]
-    trials = tracking.trial_runs(client, experiment_id, parent.info.run_id)
+    trials = tracking.trial_runs(client, parent.info.run_id)
     return parent, sorted(trials, key=lambda r: r.data.tags["covidsearch_trial_id"])
 
 
@@ -112,7 +112,7 @@ def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     client, experiment_id = store(workdir)
     (search,) = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
-    trials = tracking.trial_runs(client, experiment_id, search.info.run_id)
+    trials = tracking.trial_runs(client, search.info.run_id)
     assert sorted(t.data.tags["covidsearch_trial_id"] for t in trials) == ["0", "1", "2"]
     assert {t.info.status for t in trials} == {"FINISHED"}
     assert {t.data.tags["covidsearch_worker_id"] for t in trials} == {"tuner0", "tuner1"}  # one id per slot
@@ -128,7 +128,7 @@ def test_the_whole_flow_runs_on_the_jax_backend(xray_dir, workdir):
     client, experiment_id = store(workdir)
     (search,) = client.search_runs([experiment_id], "tags.covidsearch_kind = 'search'")
     assert search.data.tags["keras_backend"] == "jax"
-    (only,) = tracking.trial_runs(client, experiment_id, search.info.run_id)
+    (only,) = tracking.trial_runs(client, search.info.run_id)
     assert only.info.status == "FINISHED" and "test_sensitivity_covid_19" in only.data.metrics
 
     assert only.info.run_id in cli("runs", cwd=workdir, env=jax).stdout

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from covidsearch import spaces
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,3 +48,32 @@ def test_the_built_in_spaces_are_found_by_name_from_an_installed_wheel(tmp_path)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.split() == [str(tmp_path / "site" / "covidsearch" / "experiments" / f"{name}.toml")
                                     for name in ("vanilla", "transfer")]
+
+
+# A hyperparameter that contradicts itself, and the error that names the contradiction (not its symptom).
+CONTRADICTIONS = {
+    "min above max": ('dropout = { type = "float", min = 0.7, max = 0.1, default = 0.5 }',
+                      "hyperparameter 'dropout': min 0.7 is greater than max 0.1"),
+    "zero step": ('filters = { type = "int", min = 16, max = 64, step = 0, default = 32 }',
+                  "hyperparameter 'filters': step 0 must be greater than 0"),
+    "negative step": ('dropout = { type = "float", min = 0.0, max = 0.7, step = -0.1, default = 0.5 }',
+                      "hyperparameter 'dropout': step -0.1 must be greater than 0"),
+    "no choices": ('optimizer = { type = "choice", values = [], default = "adam" }',
+                   "hyperparameter 'optimizer': values is empty; a choice needs at least one value"),
+    "log from zero": ('learning_rate = { type = "float", min = 0.0, max = 1e-2, sampling = "log", default = 1e-3 }',
+                      "hyperparameter 'learning_rate': log sampling needs min greater than 0, got min 0.0"),
+    "fractional int": ('filters = { type = "int", min = 16.5, max = 64, default = 32 }',
+                       "hyperparameter 'filters': min 16.5 must be a whole number for type int"),
+    "text for a number": ('dropout = { type = "float", min = "none", max = 0.7, default = 0.5 }',
+                          "hyperparameter 'dropout': min must be a number, got 'none'"),
+}
+
+
+@pytest.mark.parametrize("case", CONTRADICTIONS)
+def test_a_hyperparameter_that_contradicts_itself_is_reported_as_that_problem(tmp_path, case):
+    entry, problem = CONTRADICTIONS[case]
+    space = tmp_path / "mine.toml"
+    space.write_text(f"[hyperparameters]\n{entry}\n")
+    with pytest.raises(spaces.SpaceError) as err:
+        spaces.load(str(space))
+    assert str(err.value) == f"{space}: {problem}"

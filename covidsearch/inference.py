@@ -1,0 +1,238 @@
+"""Use any model: load it by reference, predict images, evaluate it on a dataset folder.
+
+A model reference (`locate`) is a trial run id, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or a
+`.keras` file. Models take uint8 pixels and scale inside, so input size and colour mode come from
+the model itself and the class names from the version's `classes` tag (or the trial's search run).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from . import data, metrics, registry, text, tracking
+from .registry import RegistryError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model is: the URI or file that loads it, what to call it, and the classes it outputs."""
+
+    uri: str
+    label: str
+    classes: tuple[str, ...] | None
+    model_id: str | None = None
+    run_id: str | None = None
+    name: str | None = None
+    version: str | None = None
+
+
+def locate(ref: str, tracking_uri: str | None = None) -> Source:
+    """The one place a model reference is resolved: run id, models:/NAME@ALIAS, models:/NAME/VERSION or file."""
+    if not ref.startswith("models:/"):
+        path = Path(ref).expanduser()
+        if path.is_file():
+            return Source(str(path), f"model file {path}", None)
+        if path.suffix == ".keras":
+            raise RegistryError(f"model file not found: {path}")
+    client = registry.connect(tracking_uri)
+    if ref.startswith("models:/"):
+        return _registry_source(client, ref)
+    trial = registry.finished_trial(client, ref)  # what may be promoted is what may be used
+    return Source(f"models:/{trial.model_id}", f"run {ref}", trial.classes, trial.model_id, ref)
+
+
+def _registry_source(client: MlflowClient, ref: str) -> Source:
+    """A registered version by alias or number, with the classes its promotion recorded."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))", ref)
+    if not match:
+        raise RegistryError(f"model URI {ref!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, number = match.groups()
+    if alias:
+        registered = registry.existing_model(client, name)
+        if alias not in registered.aliases:
+            known = ", ".join(sorted(registered.aliases)) or "none"
+            raise RegistryError(f"registered model {name!r} has no alias {alias!r} (its aliases: {known})")
+        number = str(registered.aliases[alias])
+    found = registry.model_version(client, name, number)
+    classes = found.tags.get("classes")  # set by promote; a version registered elsewhere falls back in load()
+    logged = found.source.removeprefix("models:/") if found.source.startswith("models:/m-") else None
+    model_id = found.model_id or logged
+    return Source(f"models:/{name}/{number}", f"{name} version {number}", tuple(classes.split("|")) if classes else None,
+                  model_id, found.run_id, name, number)
+
+
+@dataclass
+class Loaded:
+    """A model ready for pixels: its input size, colour mode and class names come from the model itself."""
+
+    source: Source
+    model: Any  # keras.Model
+    classes: list[str]
+    size: int
+    color_mode: str
+
+
+def load(ref: str, tracking_uri: str | None = None) -> Loaded:
+    """Load any model reference with everything needed to feed it raw image files."""
+    source = locate(ref, tracking_uri)
+    model = _load_keras(source)
+    shape = model.input_shape
+    width = int(model.output_shape[-1])
+    classes = list(source.classes or ())
+    if not classes:
+        if width != len(data.DEFAULT_CLASSES):
+            raise RegistryError(f"{source.label} has {width} outputs and no class names: only a 3-output model "
+                                f"can use the default {', '.join(data.DEFAULT_CLASSES)}")
+        classes = list(data.DEFAULT_CLASSES)
+    if len(classes) != width:
+        raise RegistryError(f"{source.label} has {width} outputs but {len(classes)} class names ({', '.join(classes)})")
+    return Loaded(source, model, classes, int(shape[1]), "grayscale" if shape[-1] == 1 else "rgb")
+
+
+def _load_keras(source: Source) -> Any:
+    """The Keras model from the store or a file, or a one-line error."""
+    import keras
+
+    try:
+        if source.uri.startswith("models:/"):
+            return mlflow.keras.load_model(source.uri)
+        return keras.saving.load_model(source.uri)
+    except (MlflowException, OSError, ValueError) as err:
+        raise RegistryError(f"cannot load {source.label}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+
+
+# ---------------------------------------------------------------- pixels, prediction, evaluation
+
+
+def image_paths(paths: Sequence[str]) -> list[Path]:
+    """Files as given plus the images inside folders (recursively), so a dataset folder can be passed whole."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise RegistryError(f"no images in folder {path}")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise RegistryError(f"no such image or folder: {path}")
+    return found
+
+
+def pixels(paths: Sequence[str | Path], size: int, color_mode: str) -> np.ndarray:
+    """uint8 pixels through data.decode, the same path training used, so the model sees what it learned on."""
+    out = np.empty((len(paths), size, size, data.channels(color_mode)), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            out[i] = data.decode(path, size, color_mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise RegistryError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
+    return out
+
+
+def probabilities(loaded: Loaded, paths: Sequence[str | Path]) -> np.ndarray:
+    """Class probabilities, one row per image, in loaded.classes order."""
+    return np.asarray(loaded.model.predict(pixels(paths, loaded.size, loaded.color_mode), batch_size=64, verbose=0))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's predicted class and every class's probability."""
+
+    image: str
+    predicted: str
+    probabilities: dict[str, float]
+
+
+def predict(loaded: Loaded, files: Sequence[Path]) -> list[Prediction]:
+    """Predictions for image files (see image_paths); every image is read before any is predicted."""
+    probs = probabilities(loaded, files)
+    return [Prediction(str(f), loaded.classes[int(p.argmax())], {c: float(v) for c, v in zip(loaded.classes, p)})
+            for f, p in zip(files, probs)]
+
+
+def format_predictions(predictions: Sequence[Prediction], fmt: str = "table") -> str:
+    """Predictions as an aligned table, CSV or JSON."""
+    if fmt == "json":
+        return json.dumps([vars(p) for p in predictions], indent=2)
+    classes = list(predictions[0].probabilities) if predictions else []
+    rows = [["image", "predicted", *classes]]
+    rows += [[p.image, p.predicted, *(f"{v:.6f}" if fmt == "csv" else f"{v:.4f}" for v in p.probabilities.values())]
+             for p in predictions]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    return text.table(rows)
+
+
+@dataclass
+class Evaluation:
+    """A model's metrics on every image of a dataset."""
+
+    dataset: data.Dataset
+    probabilities: np.ndarray
+    metrics: dict[str, float]
+
+    @property
+    def confusion(self) -> np.ndarray:
+        return metrics.confusion(self.dataset.labels, self.probabilities)
+
+
+def evaluate(loaded: Loaded, data_dir: str) -> Evaluation:
+    """Score a model on a whole dataset folder (either layout), with the metrics trials report on test."""
+    dataset = data.scan(data_dir, loaded.classes)
+    probs = probabilities(loaded, [s.path for s in dataset.samples])
+    return Evaluation(dataset, probs, metrics.evaluate(dataset.labels, probs, loaded.classes))
+
+
+def format_evaluation(loaded: Loaded, ev: Evaluation) -> str:
+    """The tutorial's eight metrics, per-class sensitivity/specificity, macro F1, AUC and the confusion matrix."""
+    m, classes = ev.metrics, ev.dataset.classes
+    counts = ", ".join(f"{c} {n}" for c, n in ev.dataset.counts().items())
+    skipped = f"; skipped {len(ev.dataset.skipped)} unreadable file(s)" if ev.dataset.skipped else ""
+    lines = [f"{loaded.source.label} on {ev.dataset.root}: {len(ev.dataset.samples)} images ({counts}){skipped}",
+             f"input {loaded.size}x{loaded.size} {loaded.color_mode}", ""]
+    lines += [f"{name.upper():<10} {m[name]:.0f}" if len(name) == 2 else f"{name:<10} {m[name]:.4f}"
+              for name in metrics.TUTORIAL]
+    lines += [f"{'macro F1':<10} {m['macro_f1']:.4f}", f"{'AUC':<10} {m['auc']:.4f}" if "auc" in m else "AUC        -", ""]
+    width = max(len(c) for c in classes)
+    lines.append(f"{'class':<{width}}  sensitivity  specificity")
+    for c in classes:
+        key = data.metric_safe(c)
+        lines.append(f"{c:<{width}}  {m[f'sensitivity_{key}']:11.4f}  {m[f'specificity_{key}']:11.4f}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+    cells = [["", *classes]] + [[c, *map(str, row)] for c, row in zip(classes, ev.confusion)]
+    lines.append(text.table(cells, right=range(1, len(classes) + 1)))
+    return "\n".join(lines)
+
+
+def log_evaluation(client: MlflowClient, experiment_id: str, loaded: Loaded, ev: Evaluation) -> str:
+    """Record an evaluation as a run whose metrics MLflow 3 also links to the model's LoggedModel."""
+    from mlflow.entities import Dataset as DatasetEntity
+
+    src, ds = loaded.source, ev.dataset
+    tags = {"model": src.uri, "data_root": ds.root, tracking.DATA_FINGERPRINT: ds.fingerprint(),
+            **{k: v for k, v in (("model_id", src.model_id), ("trial_run_id", src.run_id),
+                                 ("registered_model", src.name), ("registered_version", src.version)) if v}}
+    dataset = DatasetEntity(Path(ds.root).name, ds.fingerprint()[:36], "local", json.dumps({"uri": ds.root}),
+                            profile=json.dumps(ds.counts()))
+    name = f"evaluate-{src.name or 'model'}" + (f"-v{src.version}" if src.version else "")
+    return tracking.log_evaluation(client, experiment_id, name, tags, ev.metrics,
+                                   metrics.confusion_table(ds.labels, ev.probabilities, ds.classes), dataset,
+                                   src.model_id)
