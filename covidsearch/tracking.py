@@ -104,8 +104,8 @@ def client(tracking_uri: str | None = None, create: bool = True) -> MlflowClient
         return MlflowClient(uri)
     if not db.exists() and not create:
         raise StoreError(f"no tracking store at {db} yet: start a search with `covidsearch run`")
+    _check_writable_sqlite(db)
     with store_lock(db):
-        _check_writable_sqlite(db)
         found = MlflowClient(uri)
         try:
             found.search_experiments(max_results=1)  # creates and migrates the tables, under the lock
@@ -117,7 +117,6 @@ def client(tracking_uri: str | None = None, create: bool = True) -> MlflowClient
 @contextlib.contextmanager
 def store_lock(db: Path) -> Iterator[None]:
     """Exclusive use of a SQLite store's lock file: what must not happen in two processes at once."""
-    db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -149,6 +148,7 @@ def _experiment(found: MlflowClient, uri: str, name: str, create: bool) -> str:
 def _check_writable_sqlite(db: Path) -> None:
     """Fail early and clearly when the SQLite store cannot be created or written."""
     try:
+        db.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(db, timeout=30) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS covidsearch_probe (x INTEGER)")
             conn.execute("DROP TABLE covidsearch_probe")

@@ -156,7 +156,7 @@ def _busy(pid: int) -> bool:
     try:
         before = ticks()
         time.sleep(1.0)
-        return ticks() - before > 20 and "serve_fd" in Path(f"/proc/{pid}/cmdline").read_text()
+        return ticks() - before > 20 and "covidsearch.workers" in Path(f"/proc/{pid}/cmdline").read_text()
     except FileNotFoundError:
         return False
 
