@@ -252,6 +252,18 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns)")
     predict.set_defaults(func=cmd_predict)
 
+    serve = sub.add_parser("serve", help="MLflow's scoring server on a model: base64 PNG/JPEG files in, classes out",
+                           description='POST {"inputs": ["<base64 PNG>", ...]} or {"dataframe_records": [{"image": '
+                                       '"<base64 JPEG>"}, ...]} to /invocations; each image gets `predicted` and '
+                                       "one probability per class.")
+    serve.add_argument("model", nargs="?", default=f"models:/{DEFAULT_NAME}@{DEFAULT_ALIAS}", metavar="MODEL",
+                       help="a trial run id, models:/NAME@ALIAS or models:/NAME/VERSION (default %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s; 0.0.0.0 for "
+                                                           "other machines)")
+    serve.add_argument("--port", type=int, default=5001, help="default %(default)s (the MLflow UI takes 5000)")
+    serve.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns)")
+    serve.set_defaults(func=cmd_serve, keras=False)
+
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from . import registry
@@ -272,6 +284,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     loaded = inference.load(args.model, args.tracking_uri)
     result = inference.evaluate(loaded, args.data)
+    warning = inference.training_overlap(loaded, result, args.tracking_uri)
+    if warning:
+        print(warning, file=sys.stderr)
     print(inference.format_evaluation(loaded, result))
     if args.log:
         client, experiment_id = tracking.connect(args.tracking_uri, args.experiment)
@@ -286,6 +301,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     loaded = inference.load(args.model, args.tracking_uri)
     print(inference.format_predictions(inference.predict(loaded, files), args.format))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import serving
+
+    found = serving.prepare(args.model, args.host, args.port, args.tracking_uri)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the scoring server as Ctrl-C does
+    server = subprocess.Popen(found.command(), env=found.env(), start_new_session=True)  # its group ends with it
+    try:
+        serving.wait_until_up(server, found)
+        print(found.ready_line(), flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _end_group(server)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -305,17 +336,19 @@ def _print_leaderboard(args: argparse.Namespace, search_id: str | None) -> None:
 
 
 def format_table(rows: list[dict], objective: str) -> str:
-    """The leaderboard as aligned text."""
-    from . import text
+    """The leaderboard as aligned text, test scores with their 95% intervals, and whether the lead over the
+    baseline is more than the test set's noise."""
+    from . import text, tracking
 
     skip = {"color_mode", "val_fraction", "test_per_class", "patience", "min_delta", "model", "weights"}
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [["run_id", "trial", "status", objective, "test_acc", "covid_sens", "hyperparameters"]]
+    lines = [["run_id", "trial", "status", objective, "test_acc [95% CI]", "covid_sens [95% CI]", "hyperparameters"]]
     for r in rows:
         hps = " ".join(f"{k}={v}" for k, v in r["params"].items() if k not in skip)
         lines.append([r["run_id"], r["trial"] + (" baseline" if r["baseline"] else ""), r["status"],
-                      fmt(r["objective"]), fmt(r["test_accuracy"]), fmt(r["test_sensitivity_covid_19"]), hps])
-    return text.table(lines)
+                      text.estimate(r["objective"], None), text.estimate(r["test_accuracy"], r["test_accuracy_ci"]),
+                      text.estimate(r["test_sensitivity_covid_19"], r["test_sensitivity_covid_19_ci"]), hps])
+    lead = tracking.baseline_lead(rows)
+    return text.table(lines) + (f"\n{lead}" if lead else "")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

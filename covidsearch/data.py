@@ -481,6 +481,11 @@ def decode(source: str | os.PathLike | bytes, size: int, color_mode: str = "rgb"
         return _pixels(im, size, color_mode)
 
 
+def resize(im: Image.Image, size: int, color_mode: str = "rgb") -> np.ndarray:
+    """Pixels already in memory (a served uint8 array) as decode gives a file's: uint8 (size, size, channels)."""
+    return _pixels(im, size, color_mode)
+
+
 def _pixels(im: Image.Image, size: int, color_mode: str) -> np.ndarray:
     """An open image resized to uint8 (size, size, channels)."""
     single_band = len(im.getbands()) == 1 and im.mode != "P"

@@ -10,11 +10,11 @@ import csv
 import io
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -108,7 +108,7 @@ def _load_keras(source: Source) -> Any:
 
     try:
         if source.uri.startswith("models:/"):
-            return mlflow.keras.load_model(source.uri)
+            return tracking.load_keras(source.uri)
         return keras.saving.load_model(source.uri)
     except (MlflowException, OSError, ValueError) as err:
         raise RegistryError(f"cannot load {source.label}: {str(err).splitlines()[0] if str(err) else err!r}") from None
@@ -183,11 +183,12 @@ def format_predictions(predictions: Sequence[Prediction], fmt: str = "table") ->
 
 @dataclass
 class Evaluation:
-    """A model's metrics on every image of a dataset."""
+    """A model's metrics on every image of a dataset, with the 95% intervals of the main ones."""
 
     dataset: data.Dataset
     probabilities: np.ndarray
     metrics: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
 
     @property
     def confusion(self) -> np.ndarray:
@@ -198,28 +199,50 @@ def evaluate(loaded: Loaded, data_dir: str) -> Evaluation:
     """Score a model on a whole dataset folder (either layout), with the metrics trials report on test."""
     dataset = data.scan(data_dir, loaded.classes)
     probs = probabilities(loaded, [s.path for s in dataset.samples])
-    return Evaluation(dataset, probs, metrics.evaluate(dataset.labels, probs, loaded.classes))
+    return Evaluation(dataset, probs, metrics.evaluate(dataset.labels, probs, loaded.classes),
+                      metrics.intervals(dataset.labels, probs, loaded.classes))
 
 
 def format_evaluation(loaded: Loaded, ev: Evaluation) -> str:
-    """The tutorial's eight metrics, per-class sensitivity/specificity, macro F1, AUC and the confusion matrix."""
-    m, classes = ev.metrics, ev.dataset.classes
+    """The tutorial's eight metrics, per-class sensitivity/specificity, macro F1, AUC (95% intervals beside the main
+    ones) and the confusion matrix, with what TP/FP/TN/FN count: they can disagree with accuracy."""
+    m, classes, bounds = ev.metrics, ev.dataset.classes, ev.intervals
     counts = ", ".join(f"{c} {n}" for c, n in ev.dataset.counts().items())
     skipped = f"; skipped {len(ev.dataset.skipped)} unreadable file(s)" if ev.dataset.skipped else ""
     lines = [f"{loaded.source.label} on {ev.dataset.root}: {len(ev.dataset.samples)} images ({counts}){skipped}",
              f"input {loaded.size}x{loaded.size} {loaded.color_mode}", ""]
-    lines += [f"{name.upper():<10} {m[name]:.0f}" if len(name) == 2 else f"{name:<10} {m[name]:.4f}"
+    lines += [f"{name.upper():<10} {m[name]:.0f}" if len(name) == 2 else f"{name:<10} {m[name]:.4f}{_ci(bounds, name)}"
               for name in metrics.TUTORIAL]
-    lines += [f"{'macro F1':<10} {m['macro_f1']:.4f}", f"{'AUC':<10} {m['auc']:.4f}" if "auc" in m else "AUC        -", ""]
-    width = max(len(c) for c in classes)
-    lines.append(f"{'class':<{width}}  sensitivity  specificity")
+    lines += [*textwrap.wrap(metrics.THRESHOLD_NOTE, 100), ""]
+    lines += [f"{'macro F1':<10} {m['macro_f1']:.4f}{_ci(bounds, 'macro_f1')}",
+              f"{'AUC':<10} {m['auc']:.4f}{_ci(bounds, 'auc')}" if "auc" in m else "AUC        -", ""]
+    rows = [["class", "sensitivity", "95% CI", "specificity", "95% CI"]]
     for c in classes:
-        key = data.metric_safe(c)
-        lines.append(f"{c:<{width}}  {m[f'sensitivity_{key}']:11.4f}  {m[f'specificity_{key}']:11.4f}")
+        sens, spec = (f"{kind}_{data.metric_safe(c)}" for kind in ("sensitivity", "specificity"))
+        rows.append([c, f"{m[sens]:.4f}", _ci(bounds, sens, ""), f"{m[spec]:.4f}", _ci(bounds, spec, "")])
+    lines.append(text.table(rows, right=(1, 3)))
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
     cells = [["", *classes]] + [[c, *map(str, row)] for c, row in zip(classes, ev.confusion)]
     lines.append(text.table(cells, right=range(1, len(classes) + 1)))
     return "\n".join(lines)
+
+
+def _ci(bounds: dict[str, tuple[float, float]], name: str, label: str = "  95% CI ") -> str:
+    """A metric's interval after its value, or nothing for one without: how far the number can be trusted."""
+    return f"{label}{text.span(bounds[name])}" if name in bounds else ""
+
+
+def training_overlap(loaded: Loaded, ev: Evaluation, tracking_uri: str | None = None) -> str | None:
+    """A one-line warning when evaluated images are ones the model trained or validated on (by content hash), so
+    its scores are not held-out; None when they are not, or the model's training data is unknown (a bare file)."""
+    if not loaded.source.run_id:
+        return None
+    seen = tracking.training_hashes(registry.connect(tracking_uri), loaded.source.run_id)
+    overlap = sum(s.sha256 in seen for s in ev.dataset.samples)
+    if not overlap:
+        return None
+    return (f"warning: {overlap} of {len(ev.dataset.samples)} images were in this model's training or validation "
+            "split: these scores are not on unseen images")
 
 
 def log_evaluation(client: MlflowClient, experiment_id: str, loaded: Loaded, ev: Evaluation) -> str:
@@ -233,6 +256,7 @@ def log_evaluation(client: MlflowClient, experiment_id: str, loaded: Loaded, ev:
     dataset = DatasetEntity(Path(ds.root).name, ds.fingerprint()[:36], "local", json.dumps({"uri": ds.root}),
                             profile=json.dumps(ds.counts()))
     name = f"evaluate-{src.name or 'model'}" + (f"-v{src.version}" if src.version else "")
-    return tracking.log_evaluation(client, experiment_id, name, tags, ev.metrics,
+    values = {**ev.metrics, **metrics.interval_metrics(ev.intervals)}  # eval_accuracy_ci_low, ...
+    return tracking.log_evaluation(client, experiment_id, name, tags, values,
                                    metrics.confusion_table(ds.labels, ev.probabilities, ds.classes), dataset,
                                    src.model_id)

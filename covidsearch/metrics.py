@@ -12,6 +12,12 @@ from sklearn.metrics import f1_score, roc_auc_score
 from .data import metric_safe
 
 TUTORIAL = ("loss", "accuracy", "tp", "fp", "tn", "fn", "precision", "recall")  # the tutorial's eight, as Keras names them
+# Shown next to TP/FP/TN/FN wherever they are printed: readers take them for the confusion matrix's counts.
+THRESHOLD_NOTE = ("TP, FP, TN and FN (and precision and recall, computed from them) follow Keras: every class "
+                  "probability of every image is compared with 0.5 on its own, one class against the rest, so each "
+                  "image is counted once per class. Accuracy and the confusion matrix take each image's likeliest "
+                  "class instead, so the two can disagree: an image whose true class is the likeliest but below 0.5 "
+                  "is correct for accuracy and a false negative here.")
 
 
 def names(classes: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, Collection
 
 from mlflow.tracking import MlflowClient
 
-from . import plots, tracking
+from . import metrics, plots, text, tracking
 from .data import metric_safe
 
 CAPTIONS = {"curves": "Training and validation curves", "confusion": "Confusion matrix (test)",
@@ -161,18 +161,21 @@ def _leaderboard(search: Search) -> str:
         return "<h2>Leaderboard</h2><p class='muted'>no trial recorded yet</p>"
     varying, shared = _varying(search.rows)
     best_id = search.best.info.run_id if search.best else None
-    header = ["#", "run", "trial", "status", search.objective, "test accuracy", "COVID-19 sensitivity", "epochs",
-              *varying]
+    header = ["#", "run", "trial", "status", search.objective, "test accuracy [95% CI]",
+              "COVID-19 sensitivity [95% CI]", "epochs", *varying]
     rows, classes = [], []
     for k, r in enumerate(search.rows, 1):
         epochs = "-" if r["epochs"] is None else int(r["epochs"])
         rows.append([k, r["run_id"][:12], r["trial"] + (" (baseline)" if r["baseline"] else ""), r["status"],
-                     _num(r["objective"]), _num(r["test_accuracy"]), _num(r["test_sensitivity_covid_19"]), epochs,
+                     _num(r["objective"]), text.estimate(r["test_accuracy"], r["test_accuracy_ci"]),
+                     text.estimate(r["test_sensitivity_covid_19"], r["test_sensitivity_covid_19_ci"]), epochs,
                      *(r["params"].get(h, "n/a") for h in varying)])
         classes.append("best" if r["run_id"] == best_id else "" if r["status"] == "FINISHED" else "failed")
     same = ", ".join(f"{k}={v}" for k, v in shared.items())
+    lead = tracking.baseline_lead(search.rows)
     return ("<h2>Leaderboard</h2><p class='muted'>best objective first; the highlighted row is the best finished "
-            "trial, shown in detail below.</p>" + _table(header, rows, {0, 4, 5, 6, 7}, classes)
+            "trial, shown in detail below. Brackets: bootstrap 95% intervals on the test images.</p>"
+            + _table(header, rows, {0, 4, 5, 6, 7}, classes) + (f"<p>{_e(lead)}</p>" if lead else "")
             + f"<p class='muted'>Same in every trial: {_e(same) or '-'}</p>")
 
 
@@ -203,14 +206,21 @@ def _best(search: Search) -> str:
 
 
 def _test_metrics(search: Search) -> str:
-    """The best trial's test metrics: overall, then sensitivity and specificity per class."""
+    """The best trial's test metrics with their 95% intervals: overall, then sensitivity and specificity per class;
+    what TP/FP/TN/FN count beside them, as they can disagree with accuracy and the confusion matrix."""
     m = search.best.data.metrics
-    overall = [(k, _num(m.get(f"test_{k}"))) for k in ("accuracy", "auc", "macro_f1", "loss", "precision", "recall")]
+    overall = [(k, _test_estimate(m, k)) for k in ("accuracy", "auc", "macro_f1", "loss", "precision", "recall")]
     overall += [(k.upper(), _num(m.get(f"test_{k}"), 0)) for k in ("tp", "fp", "tn", "fn")]
-    per_class = [[c, *(_num(m.get(f"test_{kind}_{metric_safe(c)}")) for kind in ("sensitivity", "specificity"))]
+    per_class = [[c, *(_test_estimate(m, f"{kind}_{metric_safe(c)}") for kind in ("sensitivity", "specificity"))]
                  for c in search.run.data.params.get("classes", "").split("|") if c]
-    return ("<h3>Test metrics</h3>" + _pairs(overall)
-            + _table(["class", "sensitivity", "specificity"], per_class, {1, 2}))
+    return ("<h3>Test metrics</h3><p class='muted'>Brackets: bootstrap 95% intervals (resampling the test images "
+            "within each class).</p>" + _pairs(overall) + f"<p class='muted'>{_e(metrics.THRESHOLD_NOTE)}</p>"
+            + _table(["class", "sensitivity [95% CI]", "specificity [95% CI]"], per_class, {1, 2}))
+
+
+def _test_estimate(values: dict[str, float], name: str) -> str:
+    """A test metric with its interval where one was recorded: alone, the number overstates what tens of images say."""
+    return text.estimate(values.get(f"{tracking.TEST}{name}"), tracking.interval(values, f"{tracking.TEST}{name}"))
 
 
 def _data(search: Search) -> str:

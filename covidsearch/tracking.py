@@ -7,9 +7,12 @@ refuses the old file store); --tracking-uri or MLFLOW_TRACKING_URI point elsewhe
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import getpass
+import io
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,7 +32,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import UserError
+from . import UserError, text
 
 DEFAULT_EXPERIMENT = "covidsearch"
 STORE_DIR = Path("mlruns")
@@ -57,7 +61,9 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Artifacts
 SEARCH_RECORDS = "search"  # folder of the search run: the files below
 DATASET, LEAKAGE, MANIFEST, SKIPPED = "dataset.json", "leakage.json", "split_manifest.csv", "skipped_files.csv"
-MODEL = "model"  # the name each trial's logged model has
+MODEL = "model"  # the name each trial's logged model has: a pyfunc (serving.Classifier) that takes image files
+KERAS_ARTIFACT, KERAS_FILE = "keras_model", "model.keras"  # the trial's Keras model inside it: artifact key, file
+KERAS_PATH = f"artifacts/{KERAS_FILE}"  # where MLflow keeps that file in the logged model (load_keras)
 FIGURES = "figures"  # folder of a trial's PNG figures
 FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "roc": "roc.png", "gradcam": "gradcam.png"}
 CONFUSION = "confusion_matrix.json"
@@ -66,6 +72,7 @@ REPORT = "report/report.html"
 # Metrics
 BEST = "best_"  # prefix: a trial's best epoch's validation metrics, and the search's best score
 TEST = "test_"  # prefix of the held-out test metrics
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # suffixes of a metric's bootstrap 95% interval (metrics.interval_metrics)
 EPOCHS_TRAINED = "epochs_trained"
 
 
@@ -326,12 +333,15 @@ def heartbeat(found: MlflowClient, run_id: str) -> Iterator[None]:
     done = threading.Event()
 
     def beat() -> None:
-        while not done.is_set():
-            with contextlib.suppress(MlflowException, OSError):  # a missed beat only makes the trial look older
-                found.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
-            done.wait(HEARTBEAT_SECONDS)
+        with contextlib.suppress(MlflowException, OSError):  # a missed beat only makes the trial look older
+            found.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
 
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{run_id[:8]}")
+    def beating() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            beat()
+
+    beat()
+    thread = threading.Thread(target=beating, daemon=True, name=f"heartbeat-{run_id[:8]}")
     thread.start()
     try:
         yield
@@ -341,10 +351,18 @@ def heartbeat(found: MlflowClient, run_id: str) -> Iterator[None]:
 
 
 def live_trials(found: MlflowClient, search_run_id: str, worker_id: str) -> list[str]:
-    """RUNNING trial runs of this worker id whose process beat within three heartbeats: a live worker's."""
-    recent = time.time() - 3 * HEARTBEAT_SECONDS
-    runs = _search(found, search_run_id, _children(search_run_id, worker_id) + " and attributes.status = 'RUNNING'")
-    return [r.info.run_id for r in runs if float(r.data.tags.get(HEARTBEAT, "0")) >= recent]
+    """RUNNING trial runs of this worker id whose process still beats: a recent heartbeat that beats again within
+    one period is a live worker's; one that does not was left by a worker that was killed (a restart)."""
+    def beats() -> dict[str, str]:
+        runs = _search(found, search_run_id, _children(search_run_id, worker_id) + " and attributes.status = 'RUNNING'")
+        return {r.info.run_id: r.data.tags.get(HEARTBEAT, "0") for r in runs}
+
+    before = {k: v for k, v in beats().items() if float(v) >= time.time() - 3 * HEARTBEAT_SECONDS}
+    if not before:
+        return []
+    time.sleep(HEARTBEAT_SECONDS + 2)
+    after = beats()
+    return [run_id for run_id, beat in before.items() if after.get(run_id, beat) != beat]
 
 
 def close_orphans(found: MlflowClient, parent_id: str, status: str = "KILLED",
@@ -388,6 +406,19 @@ def logged_model(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
     return ready[0].model_id if ready else None
 
 
+def load_keras(uri: str) -> Any:
+    """The Keras model of a logged or registered model (models:/...) without the pyfunc around it: only its
+    .keras file is downloaded. A model logged with the keras flavour (before serving.Classifier) loads as such."""
+    import keras
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    if "keras" in mlflow.models.get_model_info(uri).flavors:
+        return mlflow.keras.load_model(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        return keras.saving.load_model(ModelsArtifactRepository(uri).download_artifacts(KERAS_PATH, dst_path=tmp),
+                                       compile=False)
+
+
 def leaderboard(found: MlflowClient, search_run_id: str) -> list[dict[str, Any]]:
     """Trials of a search, best objective first, with what a user compares."""
     parent = get_run(found, search_run_id)
@@ -405,11 +436,42 @@ def leaderboard(found: MlflowClient, search_run_id: str) -> list[dict[str, Any]]
             "objective": m.get(f"{BEST}{objective}"),
             "test_accuracy": m.get(f"{TEST}accuracy"),
             "test_sensitivity_covid_19": m.get(f"{TEST}sensitivity_covid_19"),
+            "test_accuracy_ci": interval(m, f"{TEST}accuracy"),
+            "test_sensitivity_covid_19_ci": interval(m, f"{TEST}sensitivity_covid_19"),
+            "test_images": m[f"{TEST}tp"] + m[f"{TEST}fn"] if f"{TEST}tp" in m and f"{TEST}fn" in m else None,
             "epochs": m.get(EPOCHS_TRAINED),
         })
     sign = 1 if direction == "min" else -1
     rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0.0)))
     return rows
+
+
+def interval(values: dict[str, float], name: str) -> tuple[float, float] | None:
+    """A metric's recorded 95% interval; None for a trial recorded before intervals, or a metric never defined."""
+    low, high = values.get(f"{name}{CI_LOW}"), values.get(f"{name}{CI_HIGH}")
+    return None if low is None or high is None else (low, high)
+
+
+def baseline_lead(rows: list[dict[str, Any]]) -> str | None:
+    """Whether the best trial's test accuracy lies inside the baseline's 95% interval: on tens of test images a lead
+    of one or two images is noise, not a better model. None without a finished baseline with an interval."""
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["objective"] is not None]
+    baseline = next((r for r in finished if r["baseline"]), None)
+    if baseline is None or None in (baseline["test_accuracy"], baseline["test_accuracy_ci"],
+                                    finished[0]["test_accuracy"]):
+        return None
+    best, base, (low, high) = finished[0]["test_accuracy"], baseline["test_accuracy"], baseline["test_accuracy_ci"]
+    span = f"95% interval {text.span(baseline['test_accuracy_ci'])}"
+    images = f" ({baseline['test_images']:.0f} test images)" if baseline["test_images"] else ""
+    if finished[0] is baseline:
+        return f"the best trial is the baseline: test accuracy {base:.3f}, {span}{images}"
+    if low <= best <= high:
+        verdict = f"inside the baseline's {span}, so the difference may be noise"
+    elif best > high:
+        verdict = f"above the baseline's {span}, so the lead is more than noise"
+    else:
+        verdict = f"below the baseline's {span}, so the baseline does better on the test images"
+    return f"the best trial's test accuracy {best:.3f} vs the baseline's {base:.3f}: {verdict}{images}"
 
 
 class TrialRecord:
@@ -434,15 +496,20 @@ class TrialRecord:
     def log_figures(self, folder: Path) -> None:
         self.client.log_artifacts(self.run_id, str(folder), FIGURES)
 
-    def log_model(self, model: Any, example: Any, output: Any, requirements: list[str]) -> None:
-        """The model as an MLflow 3 logged model (.keras, with its signature) of this run."""
-        from mlflow.models import Model, infer_signature
+    def log_model(self, model: Any, served: Any, requirements: list[str]) -> None:
+        """The model as an MLflow 3 logged model of this run: `served` (a serving.Classifier, the pyfunc any MLflow
+        client can send image files) with the Keras model's .keras file inside for load_keras, and the package code
+        it runs."""
+        from mlflow.models import Model
 
-        from . import held_stderr
-
-        with held_stderr():  # the keras flavour imports TensorFlow, even on the JAX backend
-            Model.log(artifact_path=None, name=MODEL, flavor=mlflow.keras, model=model, run_id=self.run_id,
-                      signature=infer_signature(example, output), pip_requirements=requirements)
+        logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # advice against pickling our own class, per trial
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*An input example was not provided")  # checking one costs a model load
+            keras_file = Path(tmp) / KERAS_FILE
+            model.save(keras_file)
+            Model.log(artifact_path=None, name=MODEL, flavor=mlflow.pyfunc, python_model=served, run_id=self.run_id,
+                      artifacts={KERAS_ARTIFACT: str(keras_file)}, code_paths=[str(Path(__file__).parent)],
+                      signature=served.signature(), metadata=served.metadata, pip_requirements=requirements)
 
     def fail(self, error: str, traceback_text: str) -> None:
         self.client.set_tag(self.run_id, ERROR, error[:4900])
@@ -482,6 +549,15 @@ def artifacts(found: MlflowClient, run_id: str, folder: str, names: Any) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         return {name: Path(found.download_artifacts(run_id, f"{folder}/{name}", tmp)).read_bytes()
                 for name in names if name in present}
+
+
+def training_hashes(found: MlflowClient, trial_run_id: str) -> set[str]:
+    """SHA-256 of the images a trial trained and validated on, from its search's split manifest (empty if unknown)."""
+    parent = get_run(found, trial_run_id).data.tags.get(PARENT)
+    if not parent:
+        return set()
+    manifest = artifacts(found, parent, SEARCH_RECORDS, [MANIFEST]).get(MANIFEST, b"").decode()
+    return {row["sha256"] for row in csv.DictReader(io.StringIO(manifest)) if row["split"] in ("train", "val")}
 
 
 def search_records(found: MlflowClient, run_id: str) -> dict[str, Any]:

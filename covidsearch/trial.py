@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from . import data, metrics, models, plots, progress, tracking
+from . import data, metrics, models, plots, progress, serving, tracking
 
 
 @dataclass
@@ -96,8 +96,10 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     best = validation.best(plan.objective)
     test_probs = model.predict(x_test, batch_size=batch_size, verbose=0)
     record.log_metrics({f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()})
+    record.log_metrics(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=plan.seed),
+                                                tracking.TEST))
     record.log_table(metrics.confusion_table(y_test, test_probs, classes))
-    record.log_model(model, x_test[:2], test_probs[:2], _requirements())
+    record.log_model(model, serving.Classifier.of(model, classes), _requirements())
     figures_started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         plots.write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, history.history,
@@ -154,17 +156,15 @@ def _build(spec: Spec, n_classes: int) -> Any:
     """The model, continuing from the previous Hyperband round's weights when there is one."""
     model = models.build(spec.config, n_classes)
     if spec.warm_start and spec.warm_start.startswith("models:/"):  # that round ran on another machine
-        import mlflow
-
-        model.set_weights(mlflow.keras.load_model(spec.warm_start).get_weights())
+        model.set_weights(tracking.load_keras(spec.warm_start).get_weights())
     elif spec.warm_start:
         model.load_weights(spec.warm_start)
     return model
 
 
 def _requirements() -> list[str]:
-    """Pinned runtime requirements (inferring them costs seconds per trial)."""
-    reqs = [f"keras=={version('keras')}", f"numpy=={version('numpy')}"]
+    """Pinned runtime requirements (inferring them costs seconds per trial); Pillow reads served images."""
+    reqs = [f"keras=={version('keras')}", f"numpy=={version('numpy')}", f"pillow=={version('pillow')}"]
     backend = keras.backend.backend()
     reqs.append(f"{backend}=={version(backend)}" if backend != "tensorflow" else f"tensorflow=={version('tensorflow')}")
     return reqs

@@ -194,7 +194,7 @@ def test_a_trial_can_start_from_the_weights_of_a_model_in_mlflow(distributed_sea
                       trial_dir=str(tmp_path), warm_start=f"models:/{model_id}")  # trial 0 is the baseline
     mlflow.set_tracking_uri(distributed_search["uri"])
     continued = trial._build(spec, 3).get_weights()
-    logged = mlflow.keras.load_model(f"models:/{model_id}").get_weights()
+    logged = tracking.load_keras(f"models:/{model_id}").get_weights()
     assert len(continued) == len(logged)
     for mine, theirs in zip(continued, logged):
         np.testing.assert_array_equal(mine, theirs)

@@ -164,3 +164,19 @@ def test_help_and_a_mistyped_option_answer_at_once_without_loading_keras(workdir
     mistyped = subprocess.run([sys.executable, "-m", "covidsearch.cli", "run", "--data", "xrays", "--max-trails", "3"],
                               capture_output=True, text=True, timeout=120)
     assert mistyped.returncode == 2 and "unrecognized arguments: --max-trails" in mistyped.stderr
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--max-trials", "0"], "--max-trials must be at least 1, not 0"),
+    (["--max-trials", "-1"], "--max-trials must be at least 1, not -1"),
+    (["--max-epochs", "0"], "--max-epochs must be at least 1, not 0"),
+    (["--max-failures", "0"], "--max-failures must be at least 1, not 0"),
+    (["--trials-per-worker", "0"], "--trials-per-worker must be at least 1, not 0"),
+    (["--workers-per-gpu", "0"], "--workers-per-gpu must be at least 1, not 0"),
+    (["--test-per-class", "0"], "--test-per-class must be at least 1, not 0"),
+    (["--objective", "val_nonsense"], "objective 'val_nonsense' is not a validation metric of this search"),
+    (["--objective", "val_sensitivity_lung_opacity"], "val_sensitivity_covid_19"),
+])
+def test_a_nonsense_search_option_is_one_line_before_anything_trains(recorded, capsys, xray_dir, option, expected):
+    _fails_clearly(capsys, ["run", "--data", str(xray_dir), "--tuner", "random", *option], expected)
+    _nothing_lost(*recorded)

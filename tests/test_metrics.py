@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covidsearch import metrics
+from covidsearch import metrics, text, tracking
 
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
 LABELS = np.repeat([0, 1, 2], 4)
@@ -157,3 +157,49 @@ def test_at_threshold_reports_the_operating_point():
 def test_an_unknown_positive_class_is_refused():
     with pytest.raises(ValueError, match="Pneumonia"):
         metrics.operating_threshold(LABELS, np.eye(3)[LABELS], CLASSES, positive="Pneumonia")
+
+
+def test_tp_fp_tn_fn_threshold_each_class_at_half_so_they_can_disagree_with_accuracy():
+    """What THRESHOLD_NOTE tells readers, shown: a right likeliest class below 0.5 is correct yet a false negative."""
+    labels = np.array([0, 1])
+    probs = np.array([[0.45, 0.30, 0.25],   # COVID-19, the likeliest class but below 0.5
+                      [0.10, 0.80, 0.10]])
+    m = metrics.evaluate(labels, probs, CLASSES)
+    assert m["accuracy"] == 1.0 and metrics.confusion(labels, probs).trace() == 2
+    assert m["tp"] == 1 and m["fn"] == 1
+    assert "0.5" in metrics.THRESHOLD_NOTE and "false negative" in metrics.THRESHOLD_NOTE
+
+
+def test_an_estimate_shows_its_interval_when_it_has_one():
+    assert text.estimate(0.925, (0.875, 0.96667)) == "0.9250 [0.875, 0.967]"
+    assert text.estimate(0.925, None) == "0.9250" and text.estimate(None, (0.1, 0.2)) == "-"
+
+
+def _row(accuracy: float | None, interval: tuple[float, float] | None = None, baseline: bool = False,
+         status: str = "FINISHED") -> dict:
+    """A leaderboard row (tracking.leaderboard) with what baseline_lead reads."""
+    return {"status": status, "objective": 0.5, "baseline": baseline, "test_accuracy": accuracy,
+            "test_accuracy_ci": interval, "test_images": 120.0}
+
+
+def test_a_lead_inside_the_baselines_interval_may_be_noise():
+    rows = [_row(0.95), _row(0.925, (0.875, 0.967), baseline=True)]
+    assert tracking.baseline_lead(rows) == (
+        "the best trial's test accuracy 0.950 vs the baseline's 0.925: inside the baseline's 95% interval "
+        "[0.875, 0.967], so the difference may be noise (120 test images)")
+
+
+def test_a_lead_above_the_interval_is_more_than_noise_and_a_score_below_it_favours_the_baseline():
+    above = tracking.baseline_lead([_row(0.99), _row(0.9, (0.85, 0.95), baseline=True)])
+    below = tracking.baseline_lead([_row(0.8), _row(0.9, (0.85, 0.95), baseline=True)])
+    assert "0.990 vs the baseline's 0.900: above the baseline's 95% interval [0.850, 0.950], so the lead is more " \
+           "than noise" in above
+    assert "0.800 vs the baseline's 0.900: below the baseline's 95% interval [0.850, 0.950]" in below
+
+
+def test_the_lead_line_needs_a_finished_baseline_with_an_interval_and_says_when_the_baseline_is_best():
+    assert tracking.baseline_lead([_row(0.9), _row(0.8)]) is None  # --no-baseline
+    assert tracking.baseline_lead([_row(0.9), _row(0.8, baseline=True)]) is None  # recorded before intervals
+    assert tracking.baseline_lead([_row(0.9), _row(0.8, (0.7, 0.9), baseline=True, status="FAILED")]) is None
+    assert tracking.baseline_lead([_row(0.9, (0.85, 0.95), baseline=True), _row(0.8)]) == (
+        "the best trial is the baseline: test accuracy 0.900, 95% interval [0.850, 0.950] (120 test images)")

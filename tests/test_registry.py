@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import cli, small_search
-from covidsearch import inference, registry, tracking
+from covidsearch import demo, inference, metrics, registry, text, tracking
 from covidsearch.cli import main
 
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
@@ -113,6 +113,20 @@ def test_require_refuses_a_trial_that_misses_a_bound_and_changes_nothing(store, 
     assert passed.returncode == 0 and registry_state(store.client) == before
 
 
+def test_a_promoted_version_carries_the_test_intervals_and_a_gate_on_them_works(store, champion, capsys):
+    version = store.client.get_model_version_by_alias("covid-cxr", "champion")
+    low = store.client.get_run(version.run_id).data.metrics["test_accuracy_ci_low"]
+    assert float(version.tags["test_accuracy_ci_low"]) == pytest.approx(low)
+    assert {"test_accuracy_ci_high", "test_sensitivity_covid_19_ci_low", "test_auc_ci_high"} <= set(version.tags)
+    before = registry_state(store.client)
+    for args in (["promote", version.run_id], ["promote", "--version", str(version.version)]):  # run metrics, version tags
+        refused = covidsearch(capsys, *args, "--require", "test_accuracy_ci_low>=1.01", "--tracking-uri", store.uri)
+        assert refused.returncode == 2 and f"test_accuracy_ci_low = {low:.4f}, required >= 1.01" in refused.stderr
+        passed = covidsearch(capsys, *args, "--require", f"test_accuracy_ci_low>={low}", "--tracking-uri", store.uri)
+        assert passed.returncode == 0, passed.stderr
+    assert registry_state(store.client) == before
+
+
 @pytest.fixture(scope="module")
 def broken_trials(store):
     """A FAILED trial and a finished trial that logged no model, made directly (no slow search)."""
@@ -151,6 +165,9 @@ def test_evaluate_the_champion_in_a_fresh_process_with_only_the_store_uri(store,
     out = result.stdout
     version = store.client.get_model_version_by_alias("covid-cxr", "champion")
     assert f"covid-cxr version {version.version} on {xray_dir}: 120 images" in out
+    # the search trained and validated on 96 of these 120 images (24 held out): said, not hidden
+    assert ("warning: 96 of 120 images were in this model's training or validation split: these scores are not on "
+            "unseen images") in result.stderr
     for label in ["loss", "accuracy", "TP", "FP", "TN", "FN", "precision", "recall", "macro F1", "AUC",
                   "sensitivity", "specificity", "confusion matrix"]:
         assert label in out, label
@@ -163,8 +180,20 @@ def test_evaluate_the_champion_in_a_fresh_process_with_only_the_store_uri(store,
     assert run.data.tags["covidsearch_kind"] == "evaluation" and run.data.tags["registered_version"] == str(version.version)
     accuracy = run.data.metrics["eval_accuracy"]
     assert f"accuracy   {accuracy:.4f}" in out
+    bounds = tracking.interval(run.data.metrics, "eval_accuracy")
+    assert bounds[0] <= accuracy <= bounds[1] and f"accuracy   {accuracy:.4f}  95% CI {text.span(bounds)}" in out
+    assert text.span(tracking.interval(run.data.metrics, "eval_sensitivity_covid_19")) in out  # the class table
+    assert metrics.THRESHOLD_NOTE in " ".join(out.split())  # wrapped in the output
     linked = store.client.get_logged_model(version.tags["model_id"]).metrics
     assert any(m.key == "eval_accuracy" and m.run_id == run_id and m.dataset_name == xray_dir.name for m in linked)
+
+
+def test_evaluate_on_unseen_images_gives_no_overlap_warning(store, champion, tmp_path, capsys):
+    unseen = demo.make_dataset(tmp_path / "unseen", per_class=6, size=48, seed=99)
+    result = covidsearch(capsys, "evaluate", "models:/covid-cxr@champion", "--data", str(unseen),
+                         "--tracking-uri", store.uri)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr and ": 18 images" in result.stdout
 
 
 def test_predict_with_the_champion_in_a_fresh_process(store, champion, xray_dir, tmp_path):
@@ -185,7 +214,7 @@ def test_predict_formats_and_every_way_to_name_the_model_agree(store, champion, 
     version = store.client.get_model_version_by_alias("covid-cxr", "champion").version
     mlflow.set_tracking_uri(store.uri)
     keras_file = tmp_path / "champion.keras"
-    mlflow.keras.load_model("models:/covid-cxr@champion").save(keras_file)
+    tracking.load_keras("models:/covid-cxr@champion").save(keras_file)
 
     csvs = {ref: covidsearch(capsys, "predict", ref, image, "--format", "csv", "--tracking-uri", store.uri).stdout
             for ref in ("models:/covid-cxr@champion", f"models:/covid-cxr/{version}", store.best, str(keras_file))}

@@ -200,3 +200,29 @@ def test_a_worker_outlives_the_thread_that_started_it(workdir):
         pool.close()
     assert answers and answers[0].startswith("ValueError")
     assert second.startswith("ValueError"), second  # not "the worker process died"
+
+
+def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
+    """Ctrl-C just as a trial ends: had the worker ended its run FINISHED itself, the store would hold a FINISHED
+    trial that the search never got (and ran again on resume). The worker leaves it RUNNING; the search ends it."""
+    from covidsearch import data, spaces
+
+    client, experiment_id = tracking.connect()
+    dataset = data.scan(xray_dir)
+    parts = data.split(dataset, seed=28, test_per_class=8)
+    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(workdir / "cache"),
+                      client.tracking_uri, "val_loss", 28)
+    space = spaces.load("vanilla").pin(["input_size=32"])
+    config = space.config(space.defaults())
+    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+    run_id = tracking.start_trial(client, search_id, "0", "tuner0", True, config)
+    pool = workers.Pool()
+    try:
+        reply = pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(workdir)), plan))
+    finally:
+        pool.close()
+    assert reply.error is None and "val_loss" in reply.metrics
+    assert client.get_run(run_id).info.status == "RUNNING"  # recorded in full, not yet claimed as done
+    assert tracking.trial_result(client, search_id, "0") is None  # a resume would run it: nothing FINISHED
+    tracking.finish_trial(client, run_id)
+    assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # a resume would not

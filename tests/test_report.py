@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import cli, small_search
-from covidsearch import report, tracking
+from covidsearch import metrics, report, text, tracking
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -40,6 +41,30 @@ def test_every_trial_logs_its_figures(reported):
         assert run.data.metrics["figures_seconds"] < run.data.metrics["trial_seconds"]
 
 
+def test_every_trial_records_intervals_that_contain_its_test_scores(reported):
+    _, _, _, _, trials, _ = reported
+    for run in trials:
+        m = run.data.metrics
+        for name in ("accuracy", "sensitivity_covid_19", "specificity_covid_19", "macro_f1", "auc"):
+            low, high = tracking.interval(m, f"test_{name}")
+            assert 0 <= low <= m[f"test_{name}"] <= high <= 1, name
+
+
+def test_runs_shows_the_intervals_and_whether_the_lead_over_the_baseline_is_noise(reported):
+    work, _, client, search, trials, _ = reported
+    result = cli("runs", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test_acc [95% CI]" in result.stdout and "covid_sens [95% CI]" in result.stdout
+    for run in trials:
+        m = run.data.metrics
+        assert text.estimate(m["test_accuracy"], tracking.interval(m, "test_accuracy")) in result.stdout
+        assert text.estimate(m["test_sensitivity_covid_19"], tracking.interval(m, "test_sensitivity_covid_19")) \
+            in result.stdout
+    lead = tracking.baseline_lead(tracking.leaderboard(client, search.info.run_id))
+    assert lead and "the baseline" in lead and "95% interval [" in lead and lead.endswith("(24 test images)")
+    assert result.stdout.rstrip().splitlines()[-1] == lead  # the line under the table
+
+
 def test_report_is_one_file_with_everything_inline(reported):
     work, page_path, client, search, trials, stdout = reported
     assert str(page_path.name) in stdout and search.info.run_id in stdout
@@ -61,6 +86,19 @@ def test_report_is_one_file_with_everything_inline(reported):
     assert {a.path for a in client.list_artifacts(search.info.run_id, "report")} == {tracking.REPORT}
     logged = Path(client.download_artifacts(search.info.run_id, tracking.REPORT, str(work)))
     assert logged.read_text(encoding="utf-8") == page
+
+
+def test_report_shows_the_intervals_the_lead_line_and_what_tp_fp_tn_fn_count(reported):
+    _, page_path, client, search, trials, _ = reported
+    page = html.unescape(page_path.read_text(encoding="utf-8"))
+    for run in trials:  # the leaderboard
+        m = run.data.metrics
+        assert text.estimate(m["test_accuracy"], tracking.interval(m, "test_accuracy")) in page
+    best = client.get_run(search.data.tags["best_trial_run_id"]).data.metrics  # the best trial's test metrics
+    for name in ("auc", "macro_f1", "sensitivity_covid_19", "specificity_covid_19"):
+        assert text.estimate(best[f"test_{name}"], tracking.interval(best, f"test_{name}")) in page, name
+    assert tracking.baseline_lead(tracking.leaderboard(client, search.info.run_id)) in page
+    assert metrics.THRESHOLD_NOTE in page
 
 
 def test_report_of_a_named_search_from_python_and_an_unknown_one(reported, tmp_path):

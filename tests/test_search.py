@@ -68,7 +68,7 @@ def test_every_trial_is_a_finished_child_with_params_curves_test_metrics_and_mod
         assert len(models) == 1
     mlflow.set_tracking_uri(client.tracking_uri)
     logged = client.search_logged_models([experiment_id])[0]
-    model = mlflow.keras.load_model(f"models:/{logged.model_id}")
+    model = tracking.load_keras(f"models:/{logged.model_id}")
     probs = model.predict(np.zeros((1, *model.input_shape[1:]), dtype=np.uint8), verbose=0)
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-4)
     info = mlflow.models.get_model_info(f"models:/{logged.model_id}")

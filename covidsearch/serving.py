@@ -1,0 +1,230 @@
+"""The champion for any MLflow client: image files in, class names and probabilities out.
+
+Each trial logs its model as a `Classifier` pyfunc (tracking.TrialRecord.log_model) with the
+trial's .keras file inside, the class names, input size and colour mode. `mlflow models serve`
+(or `covidsearch serve`) then answers
+
+    {"inputs": ["<base64 PNG>", ...]}  or  {"dataframe_records": [{"image": "<base64 JPEG>"}, ...]}
+
+with one row per image: `predicted` and one probability column per class. Images are resized as
+training resized them (data.py); what is not an image, and float pixels, are refused with HTTP 400,
+never guessed at.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+from PIL import Image, UnidentifiedImageError
+
+from . import data, server, tracking
+from .registry import RegistryError
+
+COLUMN = "image"  # the input column: base64-encoded PNG or JPEG files
+PREDICTED = "predicted"  # the output column of class names, beside one probability column per class
+COVID = data.DEFAULT_CLASSES[0]  # the class an operating-point threshold is about
+CHANNELS = (1, 3, 4)  # what a uint8 array's last axis may be: grayscale, RGB, RGBA
+
+
+def refused(message: str) -> MlflowException:
+    """An error the scoring server answers with HTTP 400 and this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class Classifier(mlflow.pyfunc.PythonModel):
+    """A trial's Keras model with what a client should not have to know: class names, input size, colour mode."""
+
+    def __init__(self, classes: list[str], size: int, color_mode: str, threshold: float | None = None):
+        if threshold is not None and COVID not in classes:
+            raise ValueError(f"a {COVID} threshold needs a {COVID} class, not only {', '.join(classes)}")
+        self.classes, self.size, self.color_mode = list(classes), int(size), color_mode
+        self.threshold = threshold  # COVID-19 from this probability on (an operating point), else the likeliest class
+        self.model: Any = None  # keras.Model, loaded by load_context
+
+    @classmethod
+    def of(cls, model: Any, classes: list[str], threshold: float | None = None) -> Classifier:
+        """The wrapper of a Keras model that takes uint8 pixels (its input shape gives size and colour mode)."""
+        shape = model.input_shape
+        return cls(classes, int(shape[1]), "grayscale" if shape[-1] == 1 else "rgb", threshold)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What the logged model's MLmodel file shows a client."""
+        found = {"classes": self.classes, "input_size": self.size, "color_mode": self.color_mode}
+        return found if self.threshold is None else {**found, "covid_threshold": self.threshold}
+
+    def signature(self) -> ModelSignature:
+        """A string `image` column in; `predicted` and each class's probability out."""
+        return ModelSignature(Schema([ColSpec("string", COLUMN)]),
+                              Schema([ColSpec("string", PREDICTED), *(ColSpec("double", c) for c in self.classes)]))
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        import keras
+
+        self.model = keras.saving.load_model(context.artifacts[tracking.KERAS_ARTIFACT], compile=False)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Base64 image files (a DataFrame column `image`, as MLflow passes them, or a list, Series or dict) or
+        uint8 arrays of any size (HxWxC, NxHxWxC) when called directly (unwrap_python_model)."""
+        pixels = images(model_input, self.size, self.color_mode)
+        probs = np.asarray(self.model.predict(pixels, batch_size=64, verbose=0), dtype=np.float64)
+        answer = pd.DataFrame(probs, columns=self.classes)
+        answer.insert(0, PREDICTED, self.predicted(probs))
+        return answer
+
+    def predicted(self, probs: np.ndarray) -> list[str]:
+        """The likeliest class of each row, or COVID-19 wherever its probability reaches the threshold."""
+        if self.threshold is None:
+            return [self.classes[i] for i in probs.argmax(axis=1)]
+        covid = self.classes.index(COVID)
+        others = np.where(np.arange(len(self.classes)) == covid, -1.0, probs)
+        return [COVID if p[covid] >= self.threshold else self.classes[int(o.argmax())] for p, o in zip(probs, others)]
+
+
+# ---------------------------------------------------------------- requests to pixels
+
+
+def images(model_input: Any, size: int, color_mode: str) -> np.ndarray:
+    """uint8 (n, size, size, channels) from whatever a client sent, or a refusal saying what was wrong."""
+    items = _items(model_input)
+    if not items:
+        raise refused('no image in the request: send {"inputs": ["<base64 PNG>", ...]}')
+    return np.stack([_pixels(item, i, size, color_mode) for i, item in enumerate(items)])
+
+
+def _items(model_input: Any) -> list[Any]:
+    """One entry per image: a base64 string, file bytes or a uint8 HxWxC array."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        if COLUMN not in model_input:
+            raise refused(f"no {COLUMN!r} column in the request (got {', '.join(map(str, model_input)) or 'none'})")
+        return list(model_input[COLUMN])
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind not in "OSU":  # pixels, not strings
+        if model_input.ndim == 3:
+            return [model_input]
+        if model_input.ndim == 4:
+            return list(model_input)
+        raise refused(f"pixels must be HxWxC or NxHxWxC, got an array of shape {model_input.shape}")
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    if isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
+        return list(model_input)
+    raise refused(f"expected base64-encoded image files or uint8 pixels, got {type(model_input).__name__}")
+
+
+def _pixels(item: Any, index: int, size: int, color_mode: str) -> np.ndarray:
+    """One image at the model's input size, read as training read its files."""
+    if isinstance(item, np.ndarray):
+        return data.resize(_array_image(item, index), size, color_mode)
+    if isinstance(item, str):
+        item = _unbase64(item, index)
+    if not isinstance(item, (bytes, bytearray)):
+        raise refused(f"image {index}: expected a base64-encoded PNG or JPEG string, got {type(item).__name__}")
+    try:
+        return data.decode(bytes(item), size, color_mode)
+    except UnidentifiedImageError:
+        raise refused(f"image {index}: not a PNG or JPEG file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise refused(f"image {index}: not a readable PNG or JPEG file ({str(err).splitlines()[0]})") from None
+
+
+def _unbase64(text: str, index: int) -> bytes:
+    """The file a base64 string carries (line breaks, as `base64` writes them, are allowed)."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except binascii.Error as err:
+        raise refused(f"image {index}: not base64 ({err}); send the PNG or JPEG file base64-encoded") from None
+
+
+def _array_image(pixels: np.ndarray, index: int) -> Image.Image:
+    """A uint8 HxWxC array (C = 1, 3 or 4) as an image; float pixels are refused, never rescaled by guess."""
+    if pixels.dtype.kind not in "ui":
+        raise refused(f"image {index}: {pixels.dtype} pixels; send uint8 pixels 0..255 (or the PNG/JPEG file, "
+                      "base64-encoded): other pixels are not rescaled by guess")
+    if pixels.ndim != 3 or pixels.shape[-1] not in CHANNELS:
+        raise refused(f"image {index}: pixels must be HxWxC with C = 1, 3 or 4, got shape {pixels.shape}")
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise refused(f"image {index}: pixel values {pixels.min()}..{pixels.max()} are outside 0..255")
+    exact = pixels.astype(np.uint8)
+    return Image.fromarray(exact[..., 0] if exact.shape[-1] == 1 else exact)  # L, RGB or RGBA
+
+
+# ---------------------------------------------------------------- the scoring server
+
+
+@dataclass(frozen=True)
+class Server:
+    """MLflow's scoring server on one logged or registered model, and where it answers."""
+
+    model_uri: str  # models:/...
+    label: str
+    host: str
+    port: int
+    tracking_uri: str
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
+                "-h", self.host, "-p", str(self.port)]
+
+    def env(self) -> dict[str, str]:
+        """The store the model URI resolves in; MLflow starts `uvicorn` by name, so this interpreter's bin first."""
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "PATH": path}
+
+    def ready_line(self) -> str:
+        """One line: what is served where, and a request that works."""
+        return (f"serving {self.label} at {self.url}/invocations (Ctrl-C stops it); try: "
+                f"printf '{{\"inputs\": [\"%s\"]}}' \"$(base64 -w0 scan.png)\" | "
+                f"curl -s {self.url}/invocations -H 'Content-Type: application/json' -d @-")
+
+
+def prepare(ref: str, host: str = "127.0.0.1", port: int = 5001, tracking_uri: str | None = None) -> Server:
+    """The scoring server for a model reference as `predict` takes it, refusing what it cannot serve as images."""
+    from . import inference  # and scikit-learn with it: not imported where the model is served
+
+    source = inference.locate(ref, tracking_uri)
+    if not source.uri.startswith("models:/"):
+        raise RegistryError(f"{source.label} is not in MLflow: serve a trial run id or a models:/ URI")
+    if "keras" in mlflow.models.get_model_info(source.uri).flavors:
+        raise RegistryError(f"{source.label} was logged before covidsearch served image files (it takes uint8 "
+                            "arrays of its input size): serve a trial of a newer search")
+    error = server.listen_error(host, port)
+    if error:
+        raise RegistryError(f"cannot listen on {host}:{port}: {error}; pick another --port or --host")
+    return Server(source.uri, source.label, host, port, tracking.store_uri(tracking_uri))
+
+
+def wait_until_up(process: Any, found: Server, timeout: float = 300.0) -> None:
+    """Until /ping answers (the model is loaded); the server's own output says why when it exits first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{found.url}/ping", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening, or the model not loaded, yet
+        if time.monotonic() > deadline:
+            raise RegistryError(f"the scoring server did not answer {found.url}/ping within {timeout:.0f} s")
+        time.sleep(0.5)
+    raise RegistryError(f"the scoring server exited (code {process.returncode}) before answering /ping: see its "
+                        "output above")
