@@ -109,6 +109,10 @@ class Split:
     test_dataset: Dataset
     excluded: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
 
+    def members(self, dataset: Dataset) -> list[tuple[str, np.ndarray, Dataset]]:
+        """(name, indices, the dataset they index) of each of SPLITS: test may index the separate test dataset."""
+        return list(zip(SPLITS, (self.train, self.val, self.test), (dataset, dataset, self.test_dataset)))
+
 
 def metric_safe(name: str) -> str:
     """Class name as it appears in metric names, e.g. 'COVID-19' -> 'covid_19'."""
@@ -421,8 +425,7 @@ def leakage(dataset: Dataset, parts: Split) -> dict:
 def manifest_rows(dataset: Dataset, parts: Split) -> list[dict]:
     """One row per image: file, class, split, content hash (the record of what was held out)."""
     rows = []
-    for name, idx, ds in (("train", parts.train, dataset), ("val", parts.val, dataset),
-                          ("test", parts.test, parts.test_dataset), ("excluded", parts.excluded, dataset)):
+    for name, idx, ds in [*parts.members(dataset), ("excluded", parts.excluded, dataset)]:
         rows += [{"file": ds.samples[i].path, "class": ds.classes[ds.samples[i].label], "split": name,
                   "sha256": ds.samples[i].sha256} for i in idx]
     return rows

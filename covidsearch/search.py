@@ -213,8 +213,7 @@ def _search_record(s: _Setup, out: Path) -> Path:
         "root": dataset.root, "layout": dataset.layout, "classes": dataset.classes,
         "fingerprint": dataset.fingerprint(), "test_fingerprint": parts.test_dataset.fingerprint(),
         "counts": {name: {c: int((ds.labels[idx] == i).sum()) for i, c in enumerate(dataset.classes)}
-                   for name, idx, ds in (("train", parts.train, dataset), ("val", parts.val, dataset),
-                                         ("test", parts.test, parts.test_dataset))},
+                   for name, idx, ds in parts.members(dataset)},
         "skipped": len(dataset.skipped), "class_weights": {dataset.classes[i]: w for i, w in weights.items()},
         "exact_duplicates_across_splits": leakage["exact_duplicates"],
         "near_duplicates_across_splits": leakage["near_duplicates"],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from covidsearch import cli, tracking
 from covidsearch.cli import main
@@ -83,6 +84,28 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every process started by pid, and by those, and so on."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_sigterm_to_the_ui_ends_its_mlflow_server(workdir):
     port = _free_port()
     ui = subprocess.Popen([sys.executable, "-m", "covidsearch.cli", "ui", "--port", str(port)], cwd=workdir,
@@ -91,10 +114,15 @@ def test_sigterm_to_the_ui_ends_its_mlflow_server(workdir):
     while not _answers(port):
         assert time.monotonic() < deadline and ui.poll() is None, "the UI never answered"
         time.sleep(1)
+    servers = _descendants(ui.pid)
+    assert servers, "MLflow's UI runs in processes of its own"
     ui.send_signal(signal.SIGTERM)
     ui.wait(timeout=30)
-    time.sleep(1)
-    assert not _answers(port), "MLflow's server outlived `covidsearch ui`"
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in servers if _alive(pid)], "MLflow's server processes outlived `covidsearch ui`"
+    assert not _answers(port)
 
 
 def test_the_demo_names_a_command_that_works_as_printed(monkeypatch):
