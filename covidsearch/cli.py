@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -306,17 +303,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import serving
 
-    found = serving.prepare(args.model, args.host, args.port, args.tracking_uri)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the scoring server as Ctrl-C does
-    server = subprocess.Popen(found.command(), env=found.env(), start_new_session=True)  # its group ends with it
-    try:
-        serving.wait_until_up(server, found)
-        print(found.ready_line(), flush=True)
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        _end_group(server)
+    return serving.serve(serving.prepare(args.model, args.host, args.port, args.tracking_uri))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -352,7 +339,7 @@ def format_table(rows: list[dict], objective: str) -> str:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from . import tracking
+    from . import server, tracking
 
     uri = tracking.store_uri(args.tracking_uri)
     tracking.client(uri)  # a new store is created here, once, not by the UI and a search at the same moment
@@ -361,25 +348,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if tracking.sqlite_path(uri):
         cmd += ["--default-artifact-root", (Path(tracking.STORE_DIR) / "artifacts").resolve().as_uri()]
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the UI's servers as Ctrl-C does
-    ui = subprocess.Popen(cmd, start_new_session=True)  # its own group: its server processes end with it
-    try:
-        return ui.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        _end_group(ui)
-
-
-def _end_group(process: subprocess.Popen) -> None:
-    """Terminate a process and every process it started (MLflow's UI runs a server with workers)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    return server.run_child(cmd)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

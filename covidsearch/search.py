@@ -282,11 +282,11 @@ def run(opts: Options) -> Result:
         _search(tuner, opts, s.progress)
     except KeyboardInterrupt:
         _close(pools)
-        tracking.end_run(s.client, search_run_id, "KILLED", "interrupted by the user")
-        if opts.oracle:
+        if opts.oracle:  # the workers' trials go on: their runs stay RUNNING
+            tracking.end_run(s.client, search_run_id, "KILLED", "interrupted by the user")
             raise SearchInterrupted(_resume_command(" --resume"),
                                     "the workers keep training their trials and wait for the chief") from None
-        tracking.close_orphans(s.client, search_run_id)
+        tracking.end_search(s.client, search_run_id, "KILLED", "interrupted by the user")
         raise SearchInterrupted(_resume_command(" --resume")) from None
     except RuntimeError as err:
         if "consecutive failures" not in str(err):

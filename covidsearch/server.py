@@ -6,7 +6,9 @@ they are kept (a directory on the server, or s3:// such as MinIO).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import signal
 import socket
 import subprocess
@@ -51,11 +53,11 @@ class Config:
     @property
     def uri(self) -> str:
         """The --tracking-uri clients pass: this machine's name when bound to every interface."""
-        return f"http://{_bracketed(socket.gethostname() if self.host in ANY else self.host)}:{self.port}"
+        return f"http://{bracketed(socket.gethostname() if self.host in ANY else self.host)}:{self.port}"
 
     @property
     def health_url(self) -> str:
-        return f"http://{_bracketed('127.0.0.1' if self.host in ANY else self.host)}:{self.port}/health"
+        return f"http://{bracketed('127.0.0.1' if self.host in ANY else self.host)}:{self.port}/health"
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
@@ -71,7 +73,8 @@ def _with_driver(uri: str) -> str:
     return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else uri
 
 
-def _bracketed(host: str) -> str:
+def bracketed(host: str) -> str:
+    """A host as it stands in a URL (IPv6 addresses in brackets)."""
     return f"[{host}]" if ":" in host else host
 
 
@@ -116,32 +119,51 @@ def serve(config: Config, ready: Callable[[str], None], timeout: float = 300.0) 
     """Run the server until it stops or is stopped (Ctrl-C, SIGTERM); call `ready` with its URI once it
     answers /health."""
     check(config)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop` stops it as Ctrl-C does
-    proc = subprocess.Popen(config.command())
+    return run_child(config.command(), url=config.health_url, ready=lambda: ready(config.uri), timeout=timeout,
+                     name="the MLflow server")
+
+
+def run_child(command: list[str], env: dict[str, str] | None = None, url: str | None = None,
+              ready: Callable[[], None] | None = None, timeout: float = 300.0, name: str = "the server") -> int:
+    """Run a server program until it exits or this process is stopped (Ctrl-C, or SIGTERM as `docker stop` sends
+    it); with `url`, call `ready` once it answers there. It runs in a process group of its own, and the whole group
+    (MLflow's servers start workers) ends with it."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        _wait_healthy(proc, config.health_url, timeout)
-        ready(config.uri)
-        return proc.wait()
+        if url:
+            _wait_until_answers(process, url, timeout, name)
+        if ready:
+            ready()
+        return process.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait()
+        end_group(process)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
-    """Until /health answers OK; the server's own output (above) says why when it exits first."""
+def end_group(process: subprocess.Popen) -> None:
+    """Terminate a process and every process it started; kill them if they do not end within 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _wait_until_answers(process: subprocess.Popen, url: str, timeout: float, name: str) -> None:
+    """Until `url` answers OK; the server's own output (above) says why when it exits first."""
     deadline = time.monotonic() + timeout
-    while proc.poll() is None:
+    while process.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 if answer.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass  # not listening yet
+            pass  # not listening (or not loaded) yet
         if time.monotonic() > deadline:
-            raise ServerError(f"the MLflow server did not answer {url} within {timeout:.0f} s")
-        time.sleep(1)
-    raise ServerError(f"the MLflow server exited (code {proc.returncode}) before answering /health: see its output "
-                      "above")
+            raise ServerError(f"{name} did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.5)
+    raise ServerError(f"{name} exited (code {process.returncode}) before answering {url}: see its output above")

@@ -16,9 +16,6 @@ import base64
 import binascii
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,8 +175,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"http://{server.bracketed('127.0.0.1' if self.host in server.ANY else self.host)}:{self.port}"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
@@ -213,18 +209,7 @@ def prepare(ref: str, host: str = "127.0.0.1", port: int = 5001, tracking_uri: s
     return Server(source.uri, source.label, host, port, tracking.store_uri(tracking_uri))
 
 
-def wait_until_up(process: Any, found: Server, timeout: float = 300.0) -> None:
-    """Until /ping answers (the model is loaded); the server's own output says why when it exits first."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{found.url}/ping", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass  # not listening, or the model not loaded, yet
-        if time.monotonic() > deadline:
-            raise RegistryError(f"the scoring server did not answer {found.url}/ping within {timeout:.0f} s")
-        time.sleep(0.5)
-    raise RegistryError(f"the scoring server exited (code {process.returncode}) before answering /ping: see its "
-                        "output above")
+def serve(found: Server) -> int:
+    """Run the scoring server until it stops or is stopped; say where it answers once the model is loaded."""
+    return server.run_child(found.command(), found.env(), f"{found.url}/ping",
+                            lambda: print(found.ready_line(), flush=True), name="the scoring server")

@@ -183,11 +183,12 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def end_run(found: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
-    """Terminate a run, recording the error text on failure."""
+def end_run(found: MlflowClient, run_id: str, status: str, error: str | None = None,
+            detail: str | None = None) -> None:
+    """Terminate a run, recording the error text on failure (and its traceback, `detail`, as the run's note)."""
     if error:
         found.set_tag(run_id, ERROR, error[-4900:])
-        found.set_tag(run_id, NOTE, f"```\n{error[-20000:]}\n```")
+        found.set_tag(run_id, NOTE, f"```\n{(detail or error)[-20000:]}\n```")
     found.set_terminated(run_id, status=status)
 
 
@@ -216,7 +217,8 @@ def provenance() -> dict[str, str]:
     """Git commit, Python, Keras backend and package versions: what a result can be traced back to."""
     import keras
 
-    tags = {"git_commit": _git_commit(), "mlflow.source.git.commit": _git_commit(), "python": sys.version.split()[0],
+    commit = _git_commit()
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "python": sys.version.split()[0],
             "keras_backend": keras.backend.backend()}
     for package in ("covidsearch", "keras", "keras-tuner", "mlflow", "tensorflow", "jax", "numpy", "scikit-learn"):
         with contextlib.suppress(PackageNotFoundError):
@@ -512,9 +514,7 @@ class TrialRecord:
                       signature=served.signature(), metadata=served.metadata, pip_requirements=requirements)
 
     def fail(self, error: str, traceback_text: str) -> None:
-        self.client.set_tag(self.run_id, ERROR, error[:4900])
-        self.client.set_tag(self.run_id, NOTE, f"```\n{traceback_text[-20000:]}\n```")
-        self.client.set_terminated(self.run_id, "FAILED")
+        end_run(self.client, self.run_id, "FAILED", error, traceback_text)
 
 
 # ---------------------------------------------------------------- evaluations and reports

@@ -78,9 +78,9 @@ def test_report_is_one_file_with_everything_inline(reported):
             assert image.format == "PNG" and np.asarray(image.convert("L")).std() > 15
     for run in trials:
         assert run.info.run_id[:12] in page
-    for text in ("Leaderboard", "Hyperparameters against the objective", "Best trial", "Grad-CAM", "Class weights",
+    for heading in ("Leaderboard", "Hyperparameters against the objective", "Best trial", "Grad-CAM", "Class weights",
                  "Skipped files", "Leakage: 0 exact and 0 near", "COVID-19", "Viral Pneumonia", "(baseline)"):
-        assert text in page, text
+        assert heading in page, heading
     best = search.data.tags["best_trial_run_id"]
     assert re.search(rf"<tr class='best'><td[^>]*>1</td><td>{best[:12]}</td>", page)
     assert {a.path for a in client.list_artifacts(search.info.run_id, "report")} == {tracking.REPORT}

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from covidsearch import cli, tracking
+from covidsearch import cli, server, tracking
 from covidsearch.cli import main
 
 
@@ -29,8 +29,8 @@ def test_the_ui_creates_a_new_store_before_mlflow_touches_it(workdir, monkeypatc
         def wait(self, timeout=None):
             return 0
 
-    monkeypatch.setattr(cli.subprocess, "Popen", NoServer)
-    monkeypatch.setattr(cli, "_end_group", lambda process: None)
+    monkeypatch.setattr(server.subprocess, "Popen", NoServer)
+    monkeypatch.setattr(server, "end_group", lambda process: None)
     assert main(["ui", "--port", "5999"]) == 0
     assert seen == {"tables": True}
 
