@@ -127,6 +127,8 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuner", choices=["hyperband", "random", "bayesian"], help="default: the space's (hyperband)")
     p.add_argument("--max-trials", type=int)
     p.add_argument("--max-epochs", type=int)
+    p.add_argument("--budget", metavar="TIME", help="search time, e.g. 90m or 1.5h: no trial starts that would end "
+                                                   "past it (without --max-trials, the budget alone ends the search)")
     p.add_argument("--objective", help="validation metric to optimise (default val_loss)")
     p.add_argument("--seed", type=int, default=28)
     p.add_argument("--classes", nargs="+", help="class folders (default: COVID-19 Normal 'Viral Pneumonia')")
@@ -151,7 +153,7 @@ def _options(args: argparse.Namespace, **more) -> search.Options:
     sets = list(args.sets) + ([f"weights={args.weights}"] if args.weights else [])
     return search.Options(
         data=args.data, space=args.space, sets=sets, tuner=args.tuner, max_trials=args.max_trials,
-        max_epochs=args.max_epochs, objective=args.objective, seed=args.seed, classes=args.classes,
+        max_epochs=args.max_epochs, budget=args.budget, objective=args.objective, seed=args.seed, classes=args.classes,
         test_per_class=args.test_per_class, test_data=args.test_data, dedupe=args.dedupe, baseline=args.baseline,
         tracking_uri=args.tracking_uri, experiment=args.experiment, project_dir=args.project_dir,
         cache_dir=args.cache_dir, precision=args.precision, trials_per_worker=args.trials_per_worker,

@@ -20,6 +20,11 @@ THRESHOLD_NOTE = ("TP, FP, TN and FN (and precision and recall, computed from th
                   "is correct for accuracy and a false negative here.")
 
 
+def maximise(objective: str) -> bool:
+    """Losses are minimised, every other metric (accuracy, sensitivity, F1, AUC) maximised."""
+    return not objective.endswith("loss")
+
+
 def names(classes: list[str]) -> list[str]:
     """Every metric `evaluate` can report for these classes: what an objective (val_NAME) may be."""
     per_class = [f"{kind}_{metric_safe(c)}" for c in classes for kind in ("sensitivity", "specificity")]
@@ -227,3 +232,15 @@ def at_threshold(labels: np.ndarray, probs: np.ndarray, classes: list[str], thre
         f"specificity_{safe}_at_op": float((~called[~actual]).mean()) if (~actual).any() else float("nan"),
         "accuracy_at_op": float((predicted == labels).mean()) if len(labels) else float("nan"),
     }
+
+
+def operating_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float,
+                      positive: str = "COVID-19", seed: int = 28) -> dict[str, float]:
+    """at_threshold() with the bootstrap 95% intervals of its three metrics (..._at_op_ci_low, ..._at_op_ci_high), as
+    flat metric names: a sensitivity at an operating point is as uncertain as an argmax one."""
+    index = _positive_index(classes, positive)
+    called = np.eye(len(classes))[apply_threshold(probs, index, threshold)]  # argmax of this is the rule's call
+    values = at_threshold(labels, probs, classes, threshold, positive)
+    bounds = intervals(labels, called, classes, seed)
+    return {**values, **interval_metrics({f"{name}_at_op": bounds[name] for name in bounds
+                                          if f"{name}_at_op" in values})}

@@ -45,9 +45,19 @@ def build(config: dict[str, Any], n_classes: int) -> keras.Model:
     else:
         raise ValueError(f"unknown model family {config['model']!r}: use convnet or transfer")
     model = keras.Model(inputs, outputs, name=f"covidsearch_{config['model']}")
+    compile_model(model, config, float(config["learning_rate"]))
+    return model
+
+
+def compile_model(model: keras.Model, config: dict[str, Any], learning_rate: float) -> None:
+    """Adam as the tutorial (AdamW once weight_decay > 0), cross-entropy with optional label smoothing, and the
+    tutorial's metrics; called again when a fine-tuning phase changes which weights train."""
+    decay = float(config.get("weight_decay", 0.0))
+    optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=decay) if decay > 0
+                 else keras.optimizers.Adam(learning_rate))
     model.compile(
-        optimizer=keras.optimizers.Adam(float(config["learning_rate"])),
-        loss="categorical_crossentropy",
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(config.get("label_smoothing", 0.0))),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="accuracy"),
             keras.metrics.TruePositives(name="tp"),
@@ -59,12 +69,11 @@ def build(config: dict[str, Any], n_classes: int) -> keras.Model:
         ],
         jit_compile="auto",
     )
-    return model
 
 
 def _convnet(x: keras.KerasTensor, config: dict[str, Any], n_classes: int) -> keras.KerasTensor:
     """The tutorial's ConvNet with its sizes as hyperparameters."""
-    x = keras.layers.Rescaling(1.0 / 255)(x)
+    x = keras.layers.Rescaling(1.0 / 255)(augment(x, config))
     x = keras.layers.Conv2D(int(config["filters"]), 3, activation="relu")(x)
     x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Dropout(float(config["dropout"]))(x)
@@ -81,14 +90,65 @@ def _transfer(x: keras.KerasTensor, config: dict[str, Any], n_classes: int) -> k
     if int(config["input_size"]) < MIN_INPUT.get(name, 32):
         raise ValueError(f"{name} needs input_size >= {MIN_INPUT.get(name, 32)}")
     backbone = backbone_model(config)
-    x = _scaling(x, config.get("scaling", "unit"), BACKBONES[name][1])
+    x = _scaling(augment(x, config), config.get("scaling", "unit"), BACKBONES[name][1])
     _set_trainable(backbone, config.get("fine_tune", "full"), int(config.get("trainable_layers", 0)))
-    x = backbone(x, training=False if config.get("fine_tune") == "frozen" else None)
+    # BatchNorm in inference mode when frozen, and throughout a two-phase fine-tuning (the Keras recipe): its
+    # statistics stay ImageNet's instead of following the first batches of a newly trained head
+    frozen_norm = config.get("fine_tune") == "frozen" or int(config.get("head_epochs", 0)) > 0
+    x = backbone(x, training=False if frozen_norm else None)
     x = keras.layers.GlobalAveragePooling2D()(x)
     for units in str(config["head_units"]).split("/"):
         x = keras.layers.Dense(int(units), activation="relu")(x)
         x = keras.layers.Dropout(float(config["dropout"]))(x)
     return keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
+def augment(x: keras.KerasTensor, config: dict[str, Any]) -> keras.KerasTensor:
+    """Random rotation, zoom, translation, contrast, brightness and flips inside the model: Keras applies them in
+    fit only, so predict, evaluate and serving see the image as it is. With every amount 0 (the tutorial) the
+    model has no such layer at all."""
+    layers = []
+    if float(config.get("augment_rotation", 0)) > 0:  # degrees either way
+        layers.append(keras.layers.RandomRotation(float(config["augment_rotation"]) / 360, fill_mode="constant"))
+    if float(config.get("augment_zoom", 0)) > 0:  # fraction of the side, in or out
+        zoom = float(config["augment_zoom"])
+        layers.append(keras.layers.RandomZoom((-zoom, zoom), fill_mode="constant"))
+    if float(config.get("augment_translation", 0)) > 0:  # fraction of the side, each axis
+        shift = float(config["augment_translation"])
+        layers.append(keras.layers.RandomTranslation(shift, shift, fill_mode="constant"))
+    if float(config.get("augment_contrast", 0)) > 0:
+        layers.append(keras.layers.RandomContrast(float(config["augment_contrast"]), value_range=(0, 255)))
+    if float(config.get("augment_brightness", 0)) > 0:
+        layers.append(keras.layers.RandomBrightness(float(config["augment_brightness"]), value_range=(0, 255)))
+    if config.get("augment_flip", False):  # off by default: the heart sits on the left
+        layers.append(keras.layers.RandomFlip("horizontal"))
+    if not layers:
+        return x
+    x = keras.layers.Rescaling(1.0, name="pixels")(x)  # uint8 -> float, the values the random layers expect
+    return keras.Sequential(layers, name="augmentation")(x)
+
+
+def phases(config: dict[str, Any], initial_epoch: int, epochs: int) -> list[tuple[int, int, str | None]]:
+    """(first epoch, end epoch, phase) to fit in turn: the head on a frozen backbone for head_epochs, then the
+    fine-tuning phase; one phase (None, the model as built) when head_epochs is 0, as in the tutorial."""
+    head = int(config.get("head_epochs", 0)) if config.get("model") == "transfer" else 0
+    if head <= 0:
+        return [(initial_epoch, epochs, None)]
+    parts = [(initial_epoch, min(head, epochs), "head"), (max(initial_epoch, head), epochs, "tune")]
+    return [part for part in parts if part[0] < part[1]]
+
+
+def start_phase(model: keras.Model, config: dict[str, Any], phase: str) -> None:
+    """Freeze the backbone (head) or open it as fine_tune says at learning_rate x tune_lr_factor (tune), and
+    compile again, since Keras fixes the trained weights at compile time."""
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "augmentation")
+    rate = float(config["learning_rate"])
+    if phase == "head":
+        backbone.trainable = False
+    else:
+        _set_trainable(backbone, config.get("fine_tune", "full"), int(config.get("trainable_layers", 0)))
+        rate *= float(config.get("tune_lr_factor", 0.1))
+    compile_model(model, config, rate)
 
 
 def backbone_model(config: dict[str, Any]) -> keras.Model:

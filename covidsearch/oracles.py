@@ -5,20 +5,18 @@ the workers; `make_oracle` is the one place an oracle is chosen.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import keras_tuner as kt
 from keras_tuner.src import config as kt_config
 
 from . import SearchError
+from .metrics import maximise
+from .progress import clock
 
 TUNERS = ("hyperband", "random", "bayesian")
 kt_config.DEBUG = False  # failed trials are reported once, by covidsearch, not as tracebacks
-
-
-def maximise(objective: str) -> bool:
-    """Losses are minimised, every other metric (accuracy, sensitivity, F1, AUC) maximised."""
-    return not objective.endswith("loss")
 
 
 class _BaselineFirst:
@@ -59,15 +57,88 @@ class _KeepsWorkersTrials:
             self._retry_queue = [trial_id for trial_id in self._retry_queue if trial_id not in held]
 
 
-class RandomOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.RandomSearchOracle):
+class _Budgeted:
+    """Oracle mixin for --budget: no trial starts whose estimated time would end past the budget, so none is cut
+    mid-way. The time spent is part of the oracle's saved state: a resumed search has what is left, and the time
+    it was stopped does not count. The first trial always runs: it is where the estimate starts."""
+
+    budget: float | None = None  # seconds, over the whole search
+    budget_epochs = 1  # a trial's epochs when the oracle does not set them (random, Bayesian: max_epochs)
+    stop_reason: str | None = None  # why the budget ended the search, for the console
+
+    def _budget_tick(self) -> float:
+        """Seconds of the budget spent, counting up to now."""
+        now = time.monotonic()
+        self._spent = getattr(self, "_spent", 0.0) + now - getattr(self, "_ticked", now)
+        self._ticked = now
+        return self._spent
+
+    def budget_left(self) -> float | None:
+        return None if self.budget is None else max(self.budget - self._budget_tick(), 0.0)
+
+    def _epochs(self, trial: kt.engine.trial.Trial) -> int:
+        values = trial.hyperparameters.values
+        return int(values.get("tuner/epochs", self.budget_epochs)) - int(values.get("tuner/initial_epoch", 0))
+
+    def estimate(self, trial: kt.engine.trial.Trial) -> float | None:
+        """The trial's seconds at the slowest rate per epoch of the completed trials of its input size (of any
+        size when none has it yet): early stopping and smaller inputs only make trials shorter than that."""
+        rates = getattr(self, "_rates", {})
+        size = str(trial.hyperparameters.values.get("input_size"))
+        known = rates.get(size) or [rate for same in rates.values() for rate in same]
+        return max(known) * self._epochs(trial) if known else None
+
+    @kt.synchronized
+    def create_trial(self, tuner_id: str) -> kt.engine.trial.Trial:
+        if self.budget is None or tuner_id in self.ongoing_trials:
+            return super().create_trial(tuner_id)
+        left = self.budget_left()
+        trial = super().create_trial(tuner_id) if left > 0 else None
+        if trial is not None and trial.status != kt.engine.trial.TrialStatus.RUNNING:
+            return trial
+        need = None if trial is None else self.estimate(trial)
+        if trial is not None and (need is None or need <= left):
+            self._started = {**getattr(self, "_started", {}), trial.trial_id: time.monotonic()}
+            return trial
+        if trial is not None:  # handed back: a resume with more budget runs it first
+            del self.ongoing_trials[tuner_id]
+            self._retry_queue.append(trial.trial_id)
+            self.save()
+        self.stop_reason = (f"budget: {clock(self._spent)} of {clock(self.budget)} spent"
+                            + ("" if need is None else f"; the next trial (about {clock(need)}) would not fit"))
+        self.tuner_ids.discard(tuner_id)
+        return kt.engine.trial.Trial(self.hyperparameters.copy(), status=kt.engine.trial.TrialStatus.STOPPED)
+
+    @kt.synchronized
+    def end_trial(self, trial: kt.engine.trial.Trial) -> None:
+        started = getattr(self, "_started", {}).pop(trial.trial_id, None)
+        super().end_trial(trial)
+        ended = self.trials[trial.trial_id]
+        if started is not None and ended.status == kt.engine.trial.TrialStatus.COMPLETED:
+            size = str(ended.hyperparameters.values.get("input_size"))
+            rates = getattr(self, "_rates", {})
+            rates.setdefault(size, []).append((time.monotonic() - started) / max(self._epochs(ended), 1))
+            self._rates = rates
+            self.save()
+
+    def get_state(self) -> dict[str, Any]:
+        return {**super().get_state(), "budget_spent": self._budget_tick(), "budget_rates": getattr(self, "_rates", {})}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._spent, self._ticked = float(state.get("budget_spent", 0.0)), time.monotonic()
+        self._rates = {size: list(rates) for size, rates in state.get("budget_rates", {}).items()}
+
+
+class RandomOracle(_BaselineFirst, _Budgeted, _KeepsWorkersTrials, kt.oracles.RandomSearchOracle):
     """Random search, tutorial first."""
 
 
-class BayesianOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.BayesianOptimizationOracle):
+class BayesianOracle(_BaselineFirst, _Budgeted, _KeepsWorkersTrials, kt.oracles.BayesianOptimizationOracle):
     """Gaussian-process Bayesian optimisation, tutorial first."""
 
 
-class HyperbandOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.HyperbandOracle):
+class HyperbandOracle(_BaselineFirst, _Budgeted, _KeepsWorkersTrials, kt.oracles.HyperbandOracle):
     """Hyperband, tutorial first, trained as the tutorial was (max_epochs, early stopping) and outside the
     brackets: in the first bracket it would get a few epochs and understate the tutorial it stands for."""
 
@@ -80,12 +151,14 @@ class HyperbandOracle(_BaselineFirst, _KeepsWorkersTrials, kt.oracles.HyperbandO
 
 
 def make_oracle(tuner: str, objective: str, max_trials: int, max_epochs: int, seed: int, baseline: bool,
-                max_failures: int) -> kt.Oracle:
-    """The Keras Tuner oracle for --tuner, stopping after max_trials trials."""
+                max_failures: int, budget: float | None = None) -> kt.Oracle:
+    """The Keras Tuner oracle for --tuner, stopping after max_trials trials or when the budget (seconds) ends;
+    with a budget, Hyperband starts a new iteration of its brackets for as long as the budget lasts."""
     goal = kt.Objective(objective, "max" if maximise(objective) else "min")
     common = {"objective": goal, "seed": seed, "max_consecutive_failed_trials": max_failures}
     if tuner == "hyperband":
-        oracle = HyperbandOracle(max_epochs=max_epochs, factor=3, **common)
+        oracle = HyperbandOracle(max_epochs=max_epochs, factor=3, hyperband_iterations=1 if budget is None else 1000,
+                                 **common)
         oracle.max_trials = max_trials
     elif tuner == "random":
         oracle = RandomOracle(max_trials=max_trials, **common)
@@ -93,6 +166,6 @@ def make_oracle(tuner: str, objective: str, max_trials: int, max_epochs: int, se
         oracle = BayesianOracle(max_trials=max_trials, **common)
     else:
         raise SearchError(f"unknown tuner {tuner!r}: use {', '.join(TUNERS)}")
-    oracle.baseline = baseline
+    oracle.baseline, oracle.budget, oracle.budget_epochs = baseline, budget, max_epochs
     oracle.verbose = 0  # covidsearch shows its own progress; Keras Tuner's trial tables would repeat it
     return oracle

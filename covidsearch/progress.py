@@ -18,7 +18,8 @@ def mode_for(stream: TextIO, quiet: bool) -> str:
     return "tty" if stream.isatty() else "plain"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """h:mm:ss or m:ss, as a stopwatch shows time."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"
@@ -27,8 +28,9 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Search-level progress in the parent process."""
 
-    def __init__(self, mode: str, total: int, objective: str, stream: TextIO = sys.stderr):
-        self.mode, self.total, self.objective, self.stream = mode, total, objective, stream
+    def __init__(self, mode: str, total: int | None, objective: str, stream: TextIO = sys.stderr):
+        self.mode, self.total, self.objective, self.stream = mode, total, objective, stream  # total None: a budget
+        self.deadline: float | None = None  # monotonic time the budget ends, when there is one
         self.started = time.monotonic()
         self.done = 0
         self.best: float | None = None
@@ -43,7 +45,7 @@ class Progress:
         print(("\r\033[K" if self.mode == "tty" else "") + text, file=self.stream, flush=True)
 
     def trial_label(self, index: int) -> str:
-        return f"trial {index}/{self.total}"
+        return f"trial {index}" if self.total is None else f"trial {index}/{self.total}"
 
     def finished(self, index: int, trial_id: str, value: float | None, text: str, maximise: bool) -> None:
         """Record a finished (or failed) trial and print its line with best-so-far and time left."""
@@ -52,10 +54,13 @@ class Progress:
             better = self.best is None or (value > self.best if maximise else value < self.best)
             self.best = value if better else self.best
         elapsed = time.monotonic() - self.started
-        left = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+        left = elapsed / max(self.done, 1) * max(self.total - self.done, 0) if self.total is not None else 0.0
+        if self.deadline is not None:
+            left = max(self.deadline - time.monotonic(), 0.0) if self.total is None else min(
+                left, max(self.deadline - time.monotonic(), 0.0))
         best = "-" if self.best is None else f"{self.best:.4f}"
         self.say(f"{self.trial_label(index)} [{trial_id}] {text} | best {self.objective} {best} | "
-                 f"elapsed {_clock(elapsed)}, ~{_clock(left)} left")
+                 f"elapsed {clock(elapsed)}, ~{clock(left)} left")
 
 
 def epoch_line(mode: str, label: str, epoch: int, epochs: int, logs: dict, stream: TextIO = sys.stderr) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -16,8 +18,9 @@ from typing import IO, Any
 import keras
 
 from . import SearchError, data, metrics, models, projects, spaces, tracking, trial
-from .oracles import TUNERS, make_oracle, maximise
-from .progress import Progress
+from .metrics import maximise
+from .oracles import TUNERS, make_oracle
+from .progress import Progress, clock
 from .tuner import Tuner
 from .workers import Pool
 
@@ -32,6 +35,7 @@ class Options:
     tuner: str | None = None
     max_trials: int | None = None
     max_epochs: int | None = None
+    budget: str | None = None  # "90m": start no trial that would end past this much search time
     objective: str | None = None
     seed: int = 28
     classes: list[str] | None = None
@@ -74,6 +78,9 @@ class WorkerResult:
     trials: int  # FINISHED by this worker
 
 
+BUDGETED_TRIALS = 999  # the trial cap of a search with --budget and no --max-trials: the budget ends it
+
+
 class SearchInterrupted(KeyboardInterrupt):
     """Ctrl-C: `note` says what became of the trials in flight; `command` resumes the search."""
 
@@ -97,12 +104,24 @@ class _Setup:
     uri: str
     plan: trial.Plan
     progress: Progress
+    budget: float | None  # seconds; not part of the key, so a resumed search may be given more
+
+
+def budget_seconds(text: str | None) -> float | None:
+    """--budget as seconds: a number with a unit, s, m or h ("90m", "1.5h", "5400s")."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr?)\s*", text.lower())
+    if not match or float(match[1]) <= 0:
+        raise SearchError(f"--budget {text!r}: expected a time above 0 with its unit, e.g. 90m, 1.5h or 5400s")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2][0]]
 
 
 def _settings(opts: Options, space: spaces.Space) -> dict[str, Any]:
     """The search's settings from the options and the space file's [search] defaults, checked."""
     tuner = opts.tuner or space.search.get("tuner", "hyperband")
-    max_trials = opts.max_trials if opts.max_trials is not None else int(space.search.get("max_trials", 20))
+    default_trials = BUDGETED_TRIALS if opts.budget else int(space.search.get("max_trials", 20))
+    max_trials = opts.max_trials if opts.max_trials is not None else default_trials
     max_epochs = opts.max_epochs if opts.max_epochs is not None else int(space.search.get("max_epochs", 30))
     objective = opts.objective or space.search.get("objective", "val_loss")
     if tuner not in TUNERS:
@@ -131,7 +150,7 @@ def _check_objective(objective: str, classes: list[str]) -> None:
 def _prepare(opts: Options, create: bool = True) -> _Setup:
     """Check the options, scan and split the data, and compute the search's identity."""
     space = spaces.load(opts.space).pin(opts.sets)
-    settings = _settings(opts, space)
+    settings, budget = _settings(opts, space), budget_seconds(opts.budget)
     _preflight(space)
     client, experiment_id = tracking.connect(opts.tracking_uri, opts.experiment, create)
     cache_dir = Path(opts.cache_dir or tracking.STORE_DIR / "cache")
@@ -145,14 +164,15 @@ def _prepare(opts: Options, create: bool = True) -> _Setup:
     parts = data.split(dataset, opts.seed, float(space.fixed.get("val_fraction", 0.2)), test_per_class,
                        test_dataset, opts.dedupe)
     weights = data.class_weights(dataset.labels[parts.train], len(dataset.classes))
-    progress = Progress(opts.progress, settings["max_trials"], settings["objective"])
+    progress = Progress(opts.progress, None if budget and opts.max_trials is None else settings["max_trials"],
+                        settings["objective"])
     for line in _data_lines(dataset, parts, weights):
         progress.say(line)
     settings.update(test_per_class=test_per_class, classes="|".join(dataset.classes))
     uri = tracking.store_uri(opts.tracking_uri)
     plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, settings["objective"], opts.seed, opts.precision)
     return _Setup(space, settings, _search_key(space, settings, dataset, parts), client, experiment_id, uri, plan,
-                  progress)
+                  progress, budget)
 
 
 def _preflight(space: spaces.Space) -> None:
@@ -194,7 +214,7 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, pools: list[Pool], dire
     """The Keras Tuner tuner of this process: the oracle's own (local, chief) or the chief's over gRPC (worker)."""
     max_trials, max_epochs = s.settings["max_trials"], s.settings["max_epochs"]
     oracle = make_oracle(s.settings["tuner"], s.settings["objective"], max_trials, max_epochs, opts.seed,
-                         opts.baseline, opts.max_consecutive_failed_trials)
+                         opts.baseline, opts.max_consecutive_failed_trials, s.budget)
     oracle.keep_workers_trials = bool(opts.oracle)  # read when the tuner reloads a resumed chief's oracle
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, search_run_id, pools, str(directory), project_name,
                   s.progress)
@@ -254,7 +274,7 @@ def _start_or_resume(s: _Setup, opts: Options, directory: Path) -> tuple[str, st
                                                   _search_settings(s), s.plan.dataset.fingerprint(),
                                                   _search_record(s, Path(tmp)))
         projects.write_state(directory / project_name, search_run_id, "running")
-    tracking.mark_search(s.client, search_run_id, s.key, opts.oracle)
+    tracking.mark_search(s.client, search_run_id, s.key, opts.oracle, s.budget)
     return search_run_id, project_name, state, lock
 
 
@@ -278,6 +298,10 @@ def run(opts: Options) -> Result:
     pools = [Pool(opts.trials_per_worker, 1.0 / opts.workers_per_gpu) for _ in range(opts.workers_per_gpu)]
     tuner = _tuner(s, opts, search_run_id, pools, directory, project_name)
     tuner.save()
+    left = tuner.oracle.budget_left()
+    if left is not None:
+        s.progress.deadline = time.monotonic() + left
+        s.progress.say(f"budget: {clock(left)} of {clock(s.budget)} left")
     try:
         _search(tuner, opts, s.progress)
     except KeyboardInterrupt:
@@ -298,6 +322,8 @@ def run(opts: Options) -> Result:
     finally:
         _close(pools)
         lock.close()
+    if tuner.oracle.stop_reason:
+        s.progress.notice(f"{tuner.oracle.stop_reason}: the search ends here")
     return _finish(s, search_run_id, directory / project_name, bool(state))
 
 

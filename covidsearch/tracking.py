@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -41,16 +41,22 @@ SQLITE = "sqlite:///"
 # Tags
 KIND = "covidsearch_kind"  # what a run is: one of the kinds below
 SEARCH, TRIAL, EVALUATION = "search", "trial", "evaluation"
+ENSEMBLE = "ensemble"  # a child run of a search whose model averages its best trials (ensembles.py)
+MEMBERS = "ensemble_members"  # an ensemble's member trial run ids, comma-separated
 TRIAL_ID = "covidsearch_trial_id"  # Keras Tuner's trial id
 WORKER_ID = "covidsearch_worker_id"  # the tuner id that ran a trial
 SEARCH_KEY = "covidsearch_search_key"  # identity of a search's settings and data: how workers find their chief
 ORACLE = "covidsearch_oracle"  # where a chief serves its oracle ("none" for a local search)
+BUDGET = "covidsearch_budget_minutes"  # the --budget a search was (last) run with
 BASELINE = "baseline"  # "true" on the trial of the tutorial's configuration
 WARM_START = "warm_start"  # where a Hyperband continuation took its weights from
 ERROR = "error"
 HEARTBEAT = "covidsearch_heartbeat"  # when the process waiting on a trial last said it is alive (epoch seconds)
 HEARTBEAT_SECONDS = 10
 BEST_TRIAL = "best_trial_run_id"
+# The operating point (operating.py): on trials, ensembles and registered versions; on evaluations as eval_ tags
+TARGET_SENSITIVITY = "target_sensitivity"  # the COVID-19 sensitivity the threshold was chosen for on validation
+THRESHOLD_REACHED = "covid_threshold_reached"  # "false": no threshold reached the target there; argmax kept
 DATA_FINGERPRINT = "data_fingerprint"
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
@@ -62,6 +68,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SEARCH_RECORDS = "search"  # folder of the search run: the files below
 DATASET, LEAKAGE, MANIFEST, SKIPPED = "dataset.json", "leakage.json", "split_manifest.csv", "skipped_files.csv"
 MODEL = "model"  # the name each trial's logged model has: a pyfunc (serving.Classifier) that takes image files
+MODEL_AT_OP = "model_at_op"  # a trial's model logged again by `promote --target-sensitivity`, with its threshold
 KERAS_ARTIFACT, KERAS_FILE = "keras_model", "model.keras"  # the trial's Keras model inside it: artifact key, file
 KERAS_PATH = f"artifacts/{KERAS_FILE}"  # where MLflow keeps that file in the logged model (load_keras)
 FIGURES = "figures"  # folder of a trial's PNG figures
@@ -74,6 +81,8 @@ BEST = "best_"  # prefix: a trial's best epoch's validation metrics, and the sea
 TEST = "test_"  # prefix of the held-out test metrics
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # suffixes of a metric's bootstrap 95% interval (metrics.interval_metrics)
 EPOCHS_TRAINED = "epochs_trained"
+COVID_THRESHOLD = "covid_threshold"  # COVID-19 is called from this probability on (also the models' metadata key)
+AT_OP = "_at_op"  # suffix of the metrics at that threshold (metrics.at_threshold): test_sensitivity_covid_19_at_op
 
 
 class StoreError(UserError, RuntimeError):
@@ -244,11 +253,12 @@ def start_search(found: MlflowClient, experiment_id: str, name: str, settings: d
     return run_id
 
 
-def mark_search(found: MlflowClient, run_id: str, key: str, oracle: str | None) -> None:
-    """RUNNING again (a resumed search) with the key and oracle address workers find it by."""
+def mark_search(found: MlflowClient, run_id: str, key: str, oracle: str | None, budget: float | None = None) -> None:
+    """RUNNING again (a resumed search) with the key and oracle address workers find it by, and its budget."""
     found.update_run(run_id, "RUNNING")
     found.set_tag(run_id, SEARCH_KEY, key)
     found.set_tag(run_id, ORACLE, oracle or "none")
+    found.set_tag(run_id, BUDGET, "none" if budget is None else f"{budget / 60:g}")
 
 
 def latest_search(found: MlflowClient, experiment_id: str) -> str:
@@ -304,6 +314,15 @@ def start_trial(found: MlflowClient, search_run_id: str, trial_id: str, worker_i
         tags[WARM_START] = warm_start
     run_id = create_run(found, parent.info.experiment_id, f"trial-{trial_id}", tags, parent_id=search_run_id)
     found.log_batch(run_id, params=params(config))
+    return run_id
+
+
+def start_ensemble(found: MlflowClient, search_run_id: str, members: list[str], settings: dict[str, Any]) -> str:
+    """An ensemble's RUNNING child run of the search, with its member trials and settings."""
+    parent = get_run(found, search_run_id)
+    run_id = create_run(found, parent.info.experiment_id, f"ensemble-top{len(members)}",
+                        {KIND: ENSEMBLE, MEMBERS: ",".join(members)}, parent_id=search_run_id)
+    found.log_batch(run_id, params=params(settings))
     return run_id
 
 
@@ -431,7 +450,7 @@ def leaderboard(found: MlflowClient, search_run_id: str) -> list[dict[str, Any]]
         m = run.data.metrics
         rows.append({
             "run_id": run.info.run_id,
-            "trial": run.data.tags.get(TRIAL_ID, ""),
+            "trial": run.data.tags.get(TRIAL_ID, run.data.tags.get(KIND, "")),  # an ensemble has no trial id
             "status": run.info.status,
             "baseline": run.data.tags.get(BASELINE) == "true",
             "params": dict(run.data.params),
@@ -492,16 +511,19 @@ class TrialRecord:
     def log_metrics(self, values: dict[str, float]) -> None:
         self.client.log_batch(self.run_id, metrics=metrics(values))
 
+    def log_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
     def log_table(self, table: dict[str, list], name: str = CONFUSION) -> None:
         self.client.log_table(self.run_id, table, name)
 
     def log_figures(self, folder: Path) -> None:
         self.client.log_artifacts(self.run_id, str(folder), FIGURES)
 
-    def log_model(self, model: Any, served: Any, requirements: list[str]) -> None:
+    def log_model(self, model: Any, served: Any, requirements: list[str], name: str = MODEL) -> str:
         """The model as an MLflow 3 logged model of this run: `served` (a serving.Classifier, the pyfunc any MLflow
         client can send image files) with the Keras model's .keras file inside for load_keras, and the package code
-        it runs."""
+        it runs; returns its models:/ URI."""
         from mlflow.models import Model
 
         logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # advice against pickling our own class, per trial
@@ -509,9 +531,10 @@ class TrialRecord:
             warnings.filterwarnings("ignore", ".*An input example was not provided")  # checking one costs a model load
             keras_file = Path(tmp) / KERAS_FILE
             model.save(keras_file)
-            Model.log(artifact_path=None, name=MODEL, flavor=mlflow.pyfunc, python_model=served, run_id=self.run_id,
-                      artifacts={KERAS_ARTIFACT: str(keras_file)}, code_paths=[str(Path(__file__).parent)],
-                      signature=served.signature(), metadata=served.metadata, pip_requirements=requirements)
+            return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=served,
+                             run_id=self.run_id, artifacts={KERAS_ARTIFACT: str(keras_file)},
+                             code_paths=[str(Path(__file__).parent)], signature=served.signature(),
+                             metadata=served.metadata, pip_requirements=requirements).model_uri
 
     def fail(self, error: str, traceback_text: str) -> None:
         end_run(self.client, self.run_id, "FAILED", error, traceback_text)
@@ -551,13 +574,18 @@ def artifacts(found: MlflowClient, run_id: str, folder: str, names: Any) -> dict
                 for name in names if name in present}
 
 
+def split_manifest(found: MlflowClient, search_run_id: str) -> list[dict[str, str]]:
+    """The search's split manifest rows (file, class, split, sha256); empty when it was not recorded."""
+    manifest = artifacts(found, search_run_id, SEARCH_RECORDS, [MANIFEST]).get(MANIFEST, b"").decode()
+    return list(csv.DictReader(io.StringIO(manifest)))
+
+
 def training_hashes(found: MlflowClient, trial_run_id: str) -> set[str]:
     """SHA-256 of the images a trial trained and validated on, from its search's split manifest (empty if unknown)."""
     parent = get_run(found, trial_run_id).data.tags.get(PARENT)
     if not parent:
         return set()
-    manifest = artifacts(found, parent, SEARCH_RECORDS, [MANIFEST]).get(MANIFEST, b"").decode()
-    return {row["sha256"] for row in csv.DictReader(io.StringIO(manifest)) if row["split"] in ("train", "val")}
+    return {row["sha256"] for row in split_manifest(found, parent) if row["split"] in ("train", "val")}
 
 
 def search_records(found: MlflowClient, run_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import resource
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -76,24 +77,15 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     model = _build(spec, len(classes))
     weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
     batch_size = int(spec.config["batch_size"])
-    validation = ValidationMetrics(x_val, y_val, classes, batch_size)
-    history = model.fit(
-        x_train, keras.utils.to_categorical(y_train, len(classes)),
-        batch_size=batch_size, epochs=spec.epochs, initial_epoch=spec.initial_epoch,
-        class_weight=plan.class_weights, shuffle=True, verbose=0,
-        callbacks=[validation, keras.callbacks.TerminateOnNaN(),
-                   keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(spec.config["patience"]),
-                                                 min_delta=float(spec.config["min_delta"]), mode="min",
-                                                 restore_best_weights=True),
-                   keras.callbacks.ModelCheckpoint(weights_path, monitor="val_loss", mode="min",
-                                                   save_best_only=True, save_weights_only=True),
-                   EpochLogger(record, spec)],
-    )
-    losses = history.history.get("loss", [])
+    validation = ValidationMetrics(x_val, y_val, classes, batch_size, plan.objective, weights_path)
+    history = _fit(model, spec, (x_train, keras.utils.to_categorical(y_train, len(classes))),
+                   plan.class_weights if spec.config.get("class_weighting", "balanced") == "balanced" else None,
+                   [validation, keras.callbacks.TerminateOnNaN(), EpochLogger(record, spec)])
+    losses = history.get("loss", [])
     if not losses or any(not math.isfinite(v) for v in losses):
         raise TrialFailed(f"training loss became NaN or infinite after {len(losses)} epoch(s)")
-    model.load_weights(weights_path)
-    best = validation.best(plan.objective)
+    _load_weights(model, weights_path)
+    best = validation.best()
     test_probs = model.predict(x_test, batch_size=batch_size, verbose=0)
     record.log_metrics({f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()})
     record.log_metrics(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=plan.seed),
@@ -102,7 +94,7 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     record.log_model(model, serving.Classifier.of(model, classes), _requirements())
     figures_started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        plots.write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, history.history,
+        plots.write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, history,
                                   validation.epochs, spec.initial_epoch)
         record.log_figures(Path(tmp))
     record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
@@ -110,6 +102,27 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
                         "trial_seconds": time.perf_counter() - started, "worker_peak_rss_mb": _peak_rss_mb(),
                         **{f"{tracking.BEST}{k}": v for k, v in best.items()}})
     return best
+
+
+def _fit(model: keras.Model, spec: Spec, train: tuple[np.ndarray, np.ndarray], class_weight: dict[int, float] | None,
+         callbacks: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
+    """The tutorial's fit (early stopping on val_loss), phase by phase: a head-only phase runs its epochs in full,
+    since its plateau says nothing about fine-tuning; the history of all phases together."""
+    config, history = spec.config, {}
+    for first, end, phase in models.phases(config, spec.initial_epoch, spec.epochs):
+        if phase:
+            models.start_phase(model, config, phase)
+        stopping = [] if phase == "head" else [keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=int(config["patience"]), min_delta=float(config["min_delta"]), mode="min")]
+        rate = LearningRate(config, 0 if phase != "tune" else int(config["head_epochs"]), end)
+        fitted = model.fit(*train, batch_size=int(config["batch_size"]), epochs=end, initial_epoch=first,
+                           class_weight=class_weight, shuffle=True, verbose=0,
+                           callbacks=[*callbacks[:1], rate, *callbacks[1:], *stopping])
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(values)
+        if model.stop_training:  # stopped early or on NaN: no further phase
+            break
+    return history
 
 
 def _set_precision(precision: str) -> None:
@@ -158,8 +171,15 @@ def _build(spec: Spec, n_classes: int) -> Any:
     if spec.warm_start and spec.warm_start.startswith("models:/"):  # that round ran on another machine
         model.set_weights(tracking.load_keras(spec.warm_start).get_weights())
     elif spec.warm_start:
-        model.load_weights(spec.warm_start)
+        _load_weights(model, spec.warm_start)
     return model
+
+
+def _load_weights(model: keras.Model, path: str) -> None:
+    """The layers' weights of a checkpoint; its optimizer state (another phase's, or none) is not wanted."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
 
 
 def _requirements() -> list[str]:
@@ -181,12 +201,16 @@ def _peak_rss_mb() -> float:
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """Validation loss and every test metric per epoch from one prediction pass over the split."""
+    """Validation loss and every test metric per epoch from one prediction pass over the split, and the
+    checkpoint of the epoch best by the search's objective: the model a trial keeps is the one it is ranked by."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int):
+    def __init__(self, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, objective: str,
+                 weights_path: str):
         super().__init__()
         self.x, self.y, self.classes, self.batch_size = x, y, classes, batch_size
+        self.objective, self.weights_path = objective, weights_path
         self.epochs: list[dict[str, float]] = []
+        self._best: dict[str, float] | None = None
         self._started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -196,19 +220,73 @@ class ValidationMetrics(keras.callbacks.Callback):
         trained = time.perf_counter()
         probs = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
         values = {f"val_{k}": v for k, v in metrics.evaluate(self.y, probs, self.classes).items()}
+        if self.objective not in values:
+            raise TrialFailed(f"objective {self.objective!r} is not a validation metric; try val_loss, "
+                              "val_accuracy, val_macro_f1, val_min_sensitivity or val_sensitivity_<class>")
         self.epochs.append(values)
+        if self._best is None or _ranks_before(values, self._best, self.objective):
+            self._best = values
+            self.model.save_weights(self.weights_path)
         if logs is not None:  # seconds too, so a slow input path or idle accelerator shows in MLflow
             logs.update(values, train_seconds=trained - self._started, val_seconds=time.perf_counter() - trained)
 
-    def best(self, objective: str) -> dict[str, float]:
-        """The validation metrics of the epoch that is best by val_loss (the checkpoint kept)."""
-        if not self.epochs:
+    def best(self) -> dict[str, float]:
+        """The validation metrics of the kept checkpoint's epoch."""
+        if self._best is None:
             raise TrialFailed("no epoch finished")
-        best = min(self.epochs, key=lambda e: e["val_loss"])
-        if objective not in best:
-            raise TrialFailed(f"objective {objective!r} is not a validation metric; try val_loss, val_accuracy, "
-                              f"val_macro_f1, val_min_sensitivity or val_sensitivity_<class>")
-        return best
+        return self._best
+
+
+def _ranks_before(new: dict[str, float], kept: dict[str, float], objective: str) -> bool:
+    """Strictly better by the objective; on a tie (accuracies move in whole images) the lower val_loss, so a
+    later epoch that is surer of the same answers wins over a lucky early one."""
+    a, b = new[objective], kept[objective]
+    if not math.isfinite(a):
+        return False
+    if a != b and math.isfinite(b):
+        return a > b if metrics.maximise(objective) else a < b
+    return not math.isfinite(b) or new["val_loss"] < kept["val_loss"]
+
+
+class LearningRate(keras.callbacks.Callback):
+    """The learning rate each epoch of a phase starting at `first` and ending at `end`: linear warm-up over
+    warmup_epochs, then constant (the tutorial), cosine decay to 0 at `end`, or x0.3 after 2 epochs without a
+    min_delta better val_loss (plateau); the rate is logged with the epoch's metrics."""
+
+    def __init__(self, config: dict[str, Any], first: int, end: int):
+        super().__init__()
+        self.schedule, self.warmup = config.get("lr_schedule", "constant"), int(config.get("warmup_epochs", 0))
+        if self.schedule not in ("constant", "cosine", "plateau"):
+            raise ValueError(f"unknown lr_schedule {self.schedule!r}: use constant, cosine or plateau")
+        self.first, self.end, self.min_delta = first, end, float(config.get("min_delta", 0.0))
+        self.base, self.scale, self.best_loss, self.waited = 0.0, 1.0, math.inf, 0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.base = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))  # this phase's compiled rate
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.model.optimizer.learning_rate.assign(self.rate(epoch))
+
+    def rate(self, epoch: int) -> float:
+        """The rate for `epoch` (0-based, counted over the whole trial)."""
+        step = epoch - self.first
+        if step < self.warmup:
+            return self.base * (step + 1) / (self.warmup + 1)
+        if self.schedule == "cosine":
+            span = max(self.end - self.first - self.warmup, 1)
+            return self.base * 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / span))
+        return self.base * self.scale
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        loss = float(logs.get("val_loss", math.inf))
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.waited = loss, 0
+        else:
+            self.waited += 1
+        if self.schedule == "plateau" and self.waited >= 2:
+            self.scale, self.waited = self.scale * 0.3, 0
+        logs["learning_rate"] = self.rate(epoch)
 
 
 class EpochLogger(keras.callbacks.Callback):

@@ -15,7 +15,7 @@ import keras_tuner as kt
 from keras_tuner.src.engine import base_tuner
 
 from . import spaces, tracking, trial
-from .oracles import maximise
+from .metrics import maximise
 from .progress import Progress
 from .workers import Pool, Task
 
