@@ -92,10 +92,7 @@ def _transfer(x: keras.KerasTensor, config: dict[str, Any], n_classes: int) -> k
     backbone = backbone_model(config)
     x = _scaling(augment(x, config), config.get("scaling", "unit"), BACKBONES[name][1])
     _set_trainable(backbone, config.get("fine_tune", "full"), int(config.get("trainable_layers", 0)))
-    # BatchNorm in inference mode when frozen, and throughout a two-phase fine-tuning (the Keras recipe): its
-    # statistics stay ImageNet's instead of following the first batches of a newly trained head
-    frozen_norm = config.get("fine_tune") == "frozen" or int(config.get("head_epochs", 0)) > 0
-    x = backbone(x, training=False if frozen_norm else None)
+    x = backbone(x)  # a frozen BatchNorm (trainable False) runs in inference mode: Keras 3 ignores training= here
     x = keras.layers.GlobalAveragePooling2D()(x)
     for units in str(config["head_units"]).split("/"):
         x = keras.layers.Dense(int(units), activation="relu")(x)
@@ -139,14 +136,17 @@ def phases(config: dict[str, Any], initial_epoch: int, epochs: int) -> list[tupl
 
 
 def start_phase(model: keras.Model, config: dict[str, Any], phase: str) -> None:
-    """Freeze the backbone (head) or open it as fine_tune says at learning_rate x tune_lr_factor (tune), and
-    compile again, since Keras fixes the trained weights at compile time."""
+    """Freeze the backbone (head) or open it as fine_tune says, BatchNorm kept frozen, at learning_rate x
+    tune_lr_factor (tune); and compile again, since Keras fixes the trained weights at compile time."""
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "augmentation")
     rate = float(config["learning_rate"])
     if phase == "head":
         backbone.trainable = False
     else:
         _set_trainable(backbone, config.get("fine_tune", "full"), int(config.get("trainable_layers", 0)))
+        for layer in backbone.layers:  # the Keras recipe: ImageNet statistics stay, not the first batches' drift
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
         rate *= float(config.get("tune_lr_factor", 0.1))
     compile_model(model, config, rate)
 
