@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from . import UserError, held_stderr
 
-    if args.keras:  # runs, ui, server and promote need only MLflow: they start seconds sooner without it
+    if args.keras or getattr(args, "target_sensitivity", None) is not None:  # runs, ui, server and promote need
+        # only MLflow (they start seconds sooner without Keras); a promote that finds an operating point predicts
         with held_stderr():
             import keras  # noqa: F401
             import keras_tuner  # noqa: F401
@@ -120,6 +121,8 @@ def _store_options(p: argparse.ArgumentParser) -> None:
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
+    from . import workers  # no Keras in it: --help stays quick
+
     p.add_argument("--space", default="vanilla", help="experiments/NAME.toml or a path to a space file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="pin a hyperparameter or fixed setting (repeatable)")
@@ -140,10 +143,21 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "float32", "mixed"], default="auto")
     p.add_argument("--project-dir", help="where Keras Tuner keeps its state (default mlruns/tuner)")
     p.add_argument("--cache-dir", help="decoded-image cache (default mlruns/cache)")
-    p.add_argument("--trials-per-worker", type=int, default=1,
-                   help="trials per worker process before it is replaced (1 = each trial in a fresh process)")
+    p.add_argument("--trials-per-worker", type=int, default=workers.TRIALS_PER_WORKER, metavar="N",
+                   help="trials a worker process runs before it is replaced (default %(default)s; "
+                        "1 = each trial in a fresh process)")
+    p.add_argument("--max-worker-growth", type=float, default=workers.MAX_GROWTH, metavar="PCT",
+                   help="replace a worker process once its memory after a trial is PCT%% above its memory after "
+                        "its first trial (default %(default)g)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    _target_option(p, "each trial's")
     _store_options(p)
+
+
+def _target_option(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--target-sensitivity", type=float, metavar="S",
+                   help=f"find {whose} COVID-19 threshold reaching this sensitivity on the validation split (0 < S <= "
+                        "1, e.g. 0.97); the model carries it and calls COVID-19 from it, test scores there are logged")
 
 
 def _options(args: argparse.Namespace, **more) -> search.Options:
@@ -157,7 +171,9 @@ def _options(args: argparse.Namespace, **more) -> search.Options:
         test_per_class=args.test_per_class, test_data=args.test_data, dedupe=args.dedupe, baseline=args.baseline,
         tracking_uri=args.tracking_uri, experiment=args.experiment, project_dir=args.project_dir,
         cache_dir=args.cache_dir, precision=args.precision, trials_per_worker=args.trials_per_worker,
-        progress=progress.mode_for(sys.stderr, args.quiet), oracle=args.oracle, **more)
+        max_worker_growth=args.max_worker_growth,
+        progress=progress.mode_for(sys.stderr, args.quiet), oracle=args.oracle,
+        target_sensitivity=args.target_sensitivity, **more)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -232,8 +248,21 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
                          help="refuse unless the test metric meets the bound, e.g. test_sensitivity_covid_19>=0.95 "
                               "(>= or <=; repeatable)")
+    _target_option(promote, "the trial's")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns)")
     promote.set_defaults(func=cmd_promote, keras=False)
+
+    ensemble = sub.add_parser("ensemble", help="average the K best trials of a search into one promotable model",
+                              description="Mean class probabilities of the K best FINISHED trials (by the search's "
+                                          "validation objective) as one model taking uint8 pixels at the largest "
+                                          "member input size, scored on the search's test split and logged as a "
+                                          "child run of the search (kind ensemble): promote, predict, evaluate and "
+                                          "serve take its run id like a trial's.")
+    ensemble.add_argument("search", nargs="?", metavar="SEARCH_RUN_ID", help="search run id (default: the latest)")
+    ensemble.add_argument("--top", type=int, default=3, metavar="K", help="how many trials (default %(default)s)")
+    _target_option(ensemble, "the ensemble's")
+    _store_options(ensemble)
+    ensemble.set_defaults(func=cmd_ensemble)
 
     models_help = "a trial run id, models:/NAME@ALIAS, models:/NAME/VERSION or a .keras file"
     evaluate = sub.add_parser("evaluate", help="a model's metrics on every image of a dataset folder")
@@ -269,12 +298,29 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     if (args.run_id is None) == (args.version is None):
         raise registry.RegistryError("promote takes a trial RUN_ID or --version N, not both or neither")
+    if args.version and args.target_sensitivity is not None:
+        raise registry.RegistryError("--target-sensitivity takes a RUN_ID: a version keeps the threshold it has")
     client = registry.connect(args.tracking_uri)
     if args.version:
         done = registry.promote_version(client, args.version, args.name, args.alias, args.require)
+    elif args.target_sensitivity is not None:
+        from . import operating
+
+        done, point = operating.promote(client, args.run_id, args.target_sensitivity, args.name, args.alias,
+                                        args.require)
+        print(point.line())
     else:
         done = registry.promote(client, args.run_id, args.name, args.alias, args.require)
     print(done.summary())
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from . import ensembles, registry, tracking
+
+    client = registry.connect(args.tracking_uri)
+    search_id = tracking.search_id(client, args.experiment, args.search)
+    print(ensembles.summary(ensembles.build(client, search_id, args.top, args.target_sensitivity)))
     return 0
 
 
@@ -298,7 +344,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     files = inference.image_paths(args.paths)  # a mistyped path fails before the model loads
     loaded = inference.load(args.model, args.tracking_uri)
-    print(inference.format_predictions(inference.predict(loaded, files), args.format))
+    predictions = inference.predict(loaded, files)
+    if loaded.operating_note:  # above the table; CSV and JSON on stdout stay machine-readable
+        print(loaded.operating_note, file=sys.stdout if args.format == "table" else sys.stderr)
+    print(inference.format_predictions(predictions, args.format))
     return 0
 
 

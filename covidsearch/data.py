@@ -19,7 +19,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -29,6 +29,7 @@ from . import UserError
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_CLASSES = ("COVID-19", "Normal", "Viral Pneumonia")
+COVID = DEFAULT_CLASSES[0]  # the class an operating-point threshold is about (operating.py)
 # Folder names used by the tutorial's copy and by the current Kaggle release.
 CLASS_ALIASES = {
     "COVID-19": ("COVID-19", "COVID"),
@@ -119,11 +120,19 @@ def metric_safe(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def _parallel(fn: Callable[[T], R], items: Iterable[T], workers: int | None) -> list[R]:
+Report = Callable[[int, int], None]  # told (done, total) as a long job goes, to show progress
+
+
+def _parallel(fn: Callable[[T], R], items: list[T], workers: int | None, report: Report | None = None) -> list[R]:
     """Map over threads: Pillow, hashlib and file reads release the GIL, and threads never
     fork a process that already runs TensorFlow (which can deadlock)."""
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(fn, items))
+        results = []
+        for result in pool.map(fn, items):
+            results.append(result)
+            if report:
+                report(len(results), len(items))
+        return results
 
 
 # ---------------------------------------------------------------- scanning
@@ -250,31 +259,38 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _checked(files: list[Path], cache_dir: Path | None, workers: int | None,
-             sizes: tuple[Size, ...]) -> dict[Path, tuple[str | None, str]]:
+def _checked(files: list[Path], cache_dir: Path | None, workers: int | None, sizes: tuple[Size, ...],
+             report: Report | None = None) -> dict[Path, tuple[str | None, str]]:
     """Check results per file; files seen before (same path, size and mtime) are not read again,
     and the decode that checks a new file also fills the pixel cache for `sizes`."""
     index = cache_dir / "scan.json" if cache_dir else None
     known = json.loads(index.read_text()) if index and index.exists() else {}
     keys = {p: _file_key(p) for p in files}
     todo = [p for p in files if keys[p] not in known]
-    results = _parallel(lambda p: _check_file(str(p), sizes if cache_dir else ()), todo, workers)
-    fresh = {p: (sha, extra) for p, (sha, extra, _) in zip(todo, results)}
+    packs = [_Pack(_store(cache_dir, size, mode), len(todo), size, mode) for size, mode in sizes if cache_dir and todo]
+
+    def check(item: tuple[int, Path]) -> tuple[str | None, str]:
+        row, path = item
+        sha, extra, pixels = _check_file(str(path), sizes if packs else ())
+        for pack, image in zip(packs, pixels):
+            pack.put(row, image)
+        return sha, extra
+
+    results = _parallel(check, list(enumerate(todo)), workers, report)
+    fresh = dict(zip(todo, results))
     for p, (sha, extra) in fresh.items():
         if not extra.startswith(CANNOT_READ):  # a chmod changes neither size nor mtime: read it again next scan
             known[keys[p]] = (sha, extra)
-    readable = [r for r in results if r[0] is not None]
-    if cache_dir and readable:
-        digests = [r[0] for r in readable]
-        for k, (size, color_mode) in enumerate(sizes):
-            _save_pack(_store(cache_dir, size, color_mode), digests, np.stack([r[2][k] for r in readable]))
+    readable = [row for row, (sha, _) in enumerate(results) if sha is not None]
+    for pack in packs:
+        pack.publish([results[row][0] for row in readable], readable)
     if index and todo:
         _atomic_write(index, lambda fh: fh.write(json.dumps(known).encode()))
     return {p: fresh[p] if p in fresh else tuple(known[keys[p]]) for p in files}
 
 
 def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_dir: str | os.PathLike | None = None,
-         workers: int | None = None, sizes: Iterable[Size] = ()) -> Dataset:
+         workers: int | None = None, sizes: Iterable[Size] = (), report: Report | None = None) -> Dataset:
     """Find the class folders, check every file once and list the ones that cannot be used.
 
     With a cache_dir, `sizes` such as [(50, "rgb")] makes the decode that checks each new file also
@@ -294,7 +310,7 @@ def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_di
     listed = {name: _folder_files(folder) for name, folder in folders.items()}
     files = {name: paths for name, (paths, _) in listed.items()}
     results = _checked([p for paths in files.values() for p in paths], Path(cache_dir) if cache_dir else None,
-                       workers, tuple(sizes))
+                       workers, tuple(sizes), report)
 
     samples, skipped = [], []
     for label, name in enumerate(names):
@@ -526,6 +542,31 @@ def arrays(dataset: Dataset, size: int, color_mode: str, cache_dir: str | os.Pat
     return out
 
 
+class Rows:
+    """Some rows of a (memory-mapped) pixel array, read when indexed: a split of the cache without a copy of it,
+    which at 299 px is gigabytes."""
+
+    def __init__(self, pixels: np.ndarray, rows: np.ndarray):
+        self.pixels, self.rows = pixels, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.pixels.shape[1:])
+
+    def __getitem__(self, which: Any) -> np.ndarray:
+        """Rows `which` (positions in this split) as an in-memory uint8 array, read from the file in its order."""
+        rows = self.rows[which]
+        if np.ndim(rows) == 0:
+            return np.asarray(self.pixels[int(rows)])
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.pixels.shape[1:]), dtype=self.pixels.dtype)
+        out[order] = self.pixels[rows[order]]
+        return out
+
+
 def _fill(store: Path, samples: list[Sample], size: int, color_mode: str, workers: int | None) -> None:
     """Decode the images the cache lacks, each once, into a new pack."""
     store.mkdir(parents=True, exist_ok=True)
@@ -537,8 +578,10 @@ def _fill(store: Path, samples: list[Sample], size: int, color_mode: str, worker
         found = _cached(store)
         missing = list({s.sha256: s for s in samples if s.sha256 not in found}.values())
         if missing:
-            pixels = np.stack(_parallel(lambda s: decode(s.path, size, color_mode), missing, workers))
-            _save_pack(store, [s.sha256 for s in missing], pixels)
+            pack = _Pack(store, len(missing), size, color_mode)
+            _parallel(lambda item: pack.put(item[0], decode(item[1].path, size, color_mode)), list(enumerate(missing)),
+                      workers)
+            pack.publish([s.sha256 for s in missing])
 
 
 def _cached(store: Path) -> dict[str, np.ndarray]:
@@ -556,8 +599,52 @@ def _pack_name(digests: Iterable[str]) -> str:
     return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()[:24]
 
 
-def _save_pack(store: Path, digests: list[str], pixels: np.ndarray) -> None:
-    """Publish images as a pack: pixels first, then the digest index that readers look for."""
-    name = _pack_name(digests)  # two processes racing to write the same images write one pack
-    _atomic_write(store / f"{name}.npy", lambda fh: np.save(fh, pixels))
-    _atomic_write(store / f"{name}.sha", lambda fh: fh.write(b"".join(bytes.fromhex(d) for d in digests)))
+class _Pack:
+    """A new pack filled row by row as images decode, written to its file at each row's place: neither the
+    pack (5.7 GB at 299 px for the full release) nor its pages stay in this process's memory."""
+
+    def __init__(self, store: Path, rows: int, size: int, color_mode: str):
+        store.mkdir(parents=True, exist_ok=True)
+        self.store, self.shape = store, (rows, size, size, channels(color_mode))
+        self.path, self.fd, self.offset = self._create(rows)
+
+    def _create(self, rows: int) -> tuple[str, int, int]:
+        """An .npy file of `rows` zero rows (sparse on disk): its path, an open descriptor, where row 0 starts."""
+        fd, path = tempfile.mkstemp(dir=self.store, prefix="filling.", suffix=".npy")
+        with os.fdopen(os.dup(fd), "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (rows, *self.shape[1:])})
+            offset = fh.tell()
+        os.ftruncate(fd, offset + rows * self.row_bytes)
+        return path, fd, offset
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:]))
+
+    def put(self, row: int, image: np.ndarray) -> None:
+        os.pwrite(self.fd, memoryview(np.ascontiguousarray(image, dtype=np.uint8)).cast("B"),
+                  self.offset + row * self.row_bytes)
+
+    def publish(self, digests: list[str], rows: list[int] | None = None) -> None:
+        """Keep `rows` (the readable images; all when None) under the name their digests give, pixels first, then
+        the digest index that readers look for; two processes racing to write the same images write one pack."""
+        if rows is not None and len(rows) < self.shape[0]:
+            self._compact(rows)
+        os.close(self.fd)
+        if not digests:
+            Path(self.path).unlink()
+            return
+        name = _pack_name(digests)
+        os.replace(self.path, self.store / f"{name}.npy")
+        _atomic_write(self.store / f"{name}.sha", lambda fh: fh.write(b"".join(bytes.fromhex(d) for d in digests)))
+
+    def _compact(self, rows: list[int]) -> None:
+        """Drop the rows of unreadable files, a row at a time."""
+        path, fd, offset = self._create(len(rows))
+        for new, old in enumerate(rows):
+            os.pwrite(fd, os.pread(self.fd, self.row_bytes, self.offset + old * self.row_bytes),
+                      offset + new * self.row_bytes)
+        os.close(self.fd)
+        os.replace(path, self.path)
+        self.fd, self.offset = fd, offset

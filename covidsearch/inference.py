@@ -7,6 +7,7 @@ the model itself and the class names from the version's `classes` tag (or the tr
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -83,12 +85,23 @@ class Loaded:
     classes: list[str]
     size: int
     color_mode: str
+    threshold: float | None = None  # COVID-19 from this probability on (an operating point), else the likeliest class
+    target: float | None = None  # the validation sensitivity that threshold was chosen for
+
+    @property
+    def operating_note(self) -> str | None:
+        """The line `predict` and `evaluate` print when the model calls COVID-19 by its threshold, not argmax."""
+        if self.threshold is None:
+            return None
+        chosen = f"sensitivity {self.target:g} on validation" if self.target is not None else "its recorded target"
+        return f"{data.COVID} called from p >= {self.threshold:.4g} (operating point for {chosen})"
 
 
 def load(ref: str, tracking_uri: str | None = None) -> Loaded:
     """Load any model reference with everything needed to feed it raw image files."""
     source = locate(ref, tracking_uri)
     model = _load_keras(source)
+    threshold, target = _operating_point(source)
     shape = model.input_shape
     width = int(model.output_shape[-1])
     classes = list(source.classes or ())
@@ -99,7 +112,19 @@ def load(ref: str, tracking_uri: str | None = None) -> Loaded:
         classes = list(data.DEFAULT_CLASSES)
     if len(classes) != width:
         raise RegistryError(f"{source.label} has {width} outputs but {len(classes)} class names ({', '.join(classes)})")
-    return Loaded(source, model, classes, int(shape[1]), "grayscale" if shape[-1] == 1 else "rgb")
+    if threshold is not None and data.COVID not in classes:
+        raise RegistryError(f"{source.label} has a {data.COVID} threshold but no {data.COVID} class")
+    return Loaded(source, model, classes, int(shape[1]), "grayscale" if shape[-1] == 1 else "rgb", threshold, target)
+
+
+def _operating_point(source: Source) -> tuple[float | None, float | None]:
+    """The COVID-19 threshold and target a logged model carries in its metadata (serving.Classifier); none for a
+    .keras file or a model logged without one."""
+    if not source.uri.startswith("models:/"):
+        return None, None
+    found = mlflow.models.get_model_info(source.uri).metadata or {}
+    threshold, target = found.get(tracking.COVID_THRESHOLD), found.get(tracking.TARGET_SENSITIVITY)
+    return (None if threshold is None else float(threshold)), (None if target is None else float(target))
 
 
 def _load_keras(source: Source) -> Any:
@@ -150,6 +175,27 @@ def probabilities(loaded: Loaded, paths: Sequence[str | Path]) -> np.ndarray:
     return np.asarray(loaded.model.predict(pixels(paths, loaded.size, loaded.color_mode), batch_size=64, verbose=0))
 
 
+def split_pixels(client: MlflowClient, search_run_id: str, split: str, classes: list[str], size: int,
+                 color_mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels and labels of one split (val, test) of a search, from the files its split manifest lists, each
+    checked against its recorded SHA-256: a threshold or an ensemble is judged on exactly the search's images."""
+    rows = [r for r in tracking.split_manifest(client, search_run_id) if r["split"] == split]
+    if not rows:
+        raise RegistryError(f"search {search_run_id} recorded no {split} images in {tracking.SEARCH_RECORDS}/"
+                            f"{tracking.MANIFEST}")
+    out = np.empty((len(rows), size, size, data.channels(color_mode)), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        try:
+            content = Path(row["file"]).read_bytes()
+        except OSError as err:
+            raise RegistryError(f"cannot read {split} image {row['file']} of search {search_run_id} ({err.strerror}): "
+                                "the search's images must be where it read them") from None
+        if hashlib.sha256(content).hexdigest() != row["sha256"]:
+            raise RegistryError(f"{split} image {row['file']} changed since search {search_run_id} read it")
+        out[i] = data.decode(content, size, color_mode)
+    return out, np.array([classes.index(r["class"]) for r in rows], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One image's predicted class and every class's probability."""
@@ -159,11 +205,18 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+def called(loaded: Loaded, probs: np.ndarray) -> np.ndarray:
+    """Each image's class index: the likeliest, or COVID-19 from the model's threshold on when it has one."""
+    if loaded.threshold is None:
+        return probs.argmax(axis=1)
+    return metrics.apply_threshold(probs, loaded.classes.index(data.COVID), loaded.threshold)
+
+
 def predict(loaded: Loaded, files: Sequence[Path]) -> list[Prediction]:
     """Predictions for image files (see image_paths); every image is read before any is predicted."""
     probs = probabilities(loaded, files)
-    return [Prediction(str(f), loaded.classes[int(p.argmax())], {c: float(v) for c, v in zip(loaded.classes, p)})
-            for f, p in zip(files, probs)]
+    return [Prediction(str(f), loaded.classes[int(i)], {c: float(v) for c, v in zip(loaded.classes, p)})
+            for f, p, i in zip(files, probs, called(loaded, probs))]
 
 
 def format_predictions(predictions: Sequence[Prediction], fmt: str = "table") -> str:
@@ -189,6 +242,7 @@ class Evaluation:
     probabilities: np.ndarray
     metrics: dict[str, float]
     intervals: dict[str, tuple[float, float]]
+    at_op: dict[str, float]  # at the model's threshold (metrics.operating_metrics); empty without one
 
     @property
     def confusion(self) -> np.ndarray:
@@ -199,8 +253,10 @@ def evaluate(loaded: Loaded, data_dir: str) -> Evaluation:
     """Score a model on a whole dataset folder (either layout), with the metrics trials report on test."""
     dataset = data.scan(data_dir, loaded.classes)
     probs = probabilities(loaded, [s.path for s in dataset.samples])
+    at_op = ({} if loaded.threshold is None else
+             metrics.operating_metrics(dataset.labels, probs, loaded.classes, loaded.threshold, data.COVID))
     return Evaluation(dataset, probs, metrics.evaluate(dataset.labels, probs, loaded.classes),
-                      metrics.intervals(dataset.labels, probs, loaded.classes))
+                      metrics.intervals(dataset.labels, probs, loaded.classes), at_op)
 
 
 def format_evaluation(loaded: Loaded, ev: Evaluation) -> str:
@@ -210,7 +266,8 @@ def format_evaluation(loaded: Loaded, ev: Evaluation) -> str:
     counts = ", ".join(f"{c} {n}" for c, n in ev.dataset.counts().items())
     skipped = f"; skipped {len(ev.dataset.skipped)} unreadable file(s)" if ev.dataset.skipped else ""
     lines = [f"{loaded.source.label} on {ev.dataset.root}: {len(ev.dataset.samples)} images ({counts}){skipped}",
-             f"input {loaded.size}x{loaded.size} {loaded.color_mode}", ""]
+             f"input {loaded.size}x{loaded.size} {loaded.color_mode}",
+             *([f"{loaded.operating_note}: its scores follow the argmax ones below"] if ev.at_op else []), ""]
     lines += [f"{name.upper():<10} {m[name]:.0f}" if len(name) == 2 else f"{name:<10} {m[name]:.4f}{_ci(bounds, name)}"
               for name in metrics.TUTORIAL]
     lines += [*textwrap.wrap(metrics.THRESHOLD_NOTE, 100), ""]
@@ -224,7 +281,22 @@ def format_evaluation(loaded: Loaded, ev: Evaluation) -> str:
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
     cells = [["", *classes]] + [[c, *map(str, row)] for c, row in zip(classes, ev.confusion)]
     lines.append(text.table(cells, right=range(1, len(classes) + 1)))
+    if ev.at_op:
+        lines += ["", f"at the operating point ({data.COVID} from p >= {loaded.threshold:.4g}) and under argmax",
+                  operating_table({**m, **metrics.interval_metrics(bounds)}, ev.at_op, f"p >= {loaded.threshold:.4g}")]
     return "\n".join(lines)
+
+
+def operating_table(argmax: dict[str, float], at_op: dict[str, float], rule: str) -> str:
+    """COVID-19 sensitivity, specificity and accuracy with their 95% intervals (flat metric names, as logged) under
+    argmax and under the threshold: what the operating point buys and what it costs."""
+    safe = data.metric_safe(data.COVID)
+    names = [f"sensitivity_{safe}", f"specificity_{safe}", "accuracy"]
+    rows = [["rule", f"{data.COVID} sensitivity [95% CI]", "specificity [95% CI]", "accuracy [95% CI]"]]
+    for label, values, suffix in (("argmax", argmax, ""), (rule, at_op, tracking.AT_OP)):
+        rows.append([label, *(text.estimate(values.get(n + suffix), tracking.interval(values, n + suffix))
+                              for n in names)])
+    return text.table(rows)
 
 
 def _ci(bounds: dict[str, tuple[float, float]], name: str, label: str = "  95% CI ") -> str:
@@ -256,7 +328,10 @@ def log_evaluation(client: MlflowClient, experiment_id: str, loaded: Loaded, ev:
     dataset = DatasetEntity(Path(ds.root).name, ds.fingerprint()[:36], "local", json.dumps({"uri": ds.root}),
                             profile=json.dumps(ds.counts()))
     name = f"evaluate-{src.name or 'model'}" + (f"-v{src.version}" if src.version else "")
-    values = {**ev.metrics, **metrics.interval_metrics(ev.intervals)}  # eval_accuracy_ci_low, ...
+    values = {**ev.metrics, **metrics.interval_metrics(ev.intervals), **ev.at_op}  # eval_accuracy_ci_low, ...
+    if ev.at_op:
+        values[tracking.COVID_THRESHOLD] = loaded.threshold
+        tags[tracking.TARGET_SENSITIVITY] = f"{loaded.target:g}" if loaded.target is not None else "unknown"
     return tracking.log_evaluation(client, experiment_id, name, tags, values,
                                    metrics.confusion_table(ds.labels, ev.probabilities, ds.classes), dataset,
                                    src.model_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 def mode_for(stream: TextIO, quiet: bool) -> str:
@@ -28,8 +28,9 @@ def clock(seconds: float) -> str:
 class Progress:
     """Search-level progress in the parent process."""
 
-    def __init__(self, mode: str, total: int | None, objective: str, stream: TextIO = sys.stderr):
-        self.mode, self.total, self.objective, self.stream = mode, total, objective, stream  # total None: a budget
+    def __init__(self, mode: str, total: int | None, objective: str, stream: TextIO | None = None):
+        # sys.stderr as it is now, not as it was at import (a test runner swaps it)
+        self.mode, self.total, self.objective, self.stream = mode, total, objective, stream or sys.stderr  # total None: a budget
         self.deadline: float | None = None  # monotonic time the budget ends, when there is one
         self.started = time.monotonic()
         self.done = 0
@@ -43,6 +44,26 @@ class Progress:
     def notice(self, text: str) -> None:
         """A line shown even with --quiet: something the user must know (a resume, a lost trial)."""
         print(("\r\033[K" if self.mode == "tty" else "") + text, file=self.stream, flush=True)
+
+    def counter(self, what: str, every: float = 10.0) -> Callable[[int, int], None]:
+        """A data.Report for a long job ("scan: 5,000 of 21,165 files, 410/s"): in place on a terminal, a line
+        every `every` seconds otherwise, and the last one; a job done within the first interval shows nothing."""
+        started = time.monotonic()
+        shown = [started, False]  # when last shown, and whether anything was
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            due = now - shown[0] >= (1.0 if self.mode == "tty" else every)
+            if self.mode == "off" or not (due or (done == total and shown[1])):
+                return
+            shown[:] = [now, True]
+            text = f"{what}: {done:,} of {total:,} files, {done / max(now - started, 1e-9):.0f}/s"
+            if self.mode == "tty" and done < total:
+                print(f"\r\033[K{text}", end="", file=self.stream, flush=True)
+            else:
+                self.say(text)
+
+        return report
 
     def trial_label(self, index: int) -> str:
         return f"trial {index}" if self.total is None else f"trial {index}/{self.total}"
@@ -74,3 +95,8 @@ def epoch_line(mode: str, label: str, epoch: int, epochs: int, logs: dict, strea
         print(f"\r\033[K{text}", end="", file=stream, flush=True)
     else:
         print(text, file=stream, flush=True)
+
+
+def trial_notice(mode: str, label: str, text: str, stream: TextIO = sys.stderr) -> None:
+    """A line the worker process running a trial must show even with --quiet (a target it could not reach)."""
+    print(("\r\033[K" if mode == "tty" else "") + f"{label}: {text}", file=stream, flush=True)

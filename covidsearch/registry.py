@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -42,7 +42,7 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
 
 @dataclass(frozen=True)
 class Trial:
-    """A finished trial run with what a registered version records about it."""
+    """A finished trial (or ensemble) run with what a registered version records about it."""
 
     run: Any  # mlflow.entities.Run
     model_id: str
@@ -59,10 +59,16 @@ class Trial:
         return tuple(classes.split("|")) if classes else None
 
     def version_tags(self) -> dict[str, str]:
-        """Why this version was chosen, readable without the tracking runs: metrics, settings, data, classes."""
+        """Why this version was chosen, readable without the tracking runs: metrics, settings, data, classes, and the
+        operating point its model carries."""
+        record = self.run.data
         tags = {"trial_run_id": self.run.info.run_id, "model_id": self.model_id,
-                **{k: repr(v) for k, v in self.test_metrics.items()},
-                **{f"hp.{k}": v for k, v in self.run.data.params.items()}}
+                tracking.KIND: record.tags[tracking.KIND], **{k: repr(v) for k, v in self.test_metrics.items()},
+                **{f"hp.{k}": v for k, v in record.params.items()},
+                **{k: record.tags[k] for k in (tracking.MEMBERS, tracking.TARGET_SENSITIVITY,
+                                               tracking.THRESHOLD_REACHED) if k in record.tags}}
+        if tracking.COVID_THRESHOLD in record.metrics:
+            tags[tracking.COVID_THRESHOLD] = repr(record.metrics[tracking.COVID_THRESHOLD])
         if self.search:
             found = self.search.data
             tags["search_run_id"] = self.search.info.run_id
@@ -86,10 +92,11 @@ def _parent(client: MlflowClient, run: Any) -> Any | None:
 
 
 def finished_trial(client: MlflowClient, run_id: str) -> Trial:
-    """The trial behind run_id, refusing anything that is not a FINISHED trial with a model and test metrics."""
+    """The trial (or ensemble) behind run_id, refusing anything that is not a FINISHED one with a model and test
+    metrics."""
     run = _run(client, run_id)
     kind = run.data.tags.get(tracking.KIND)
-    if kind != tracking.TRIAL:
+    if kind not in (tracking.TRIAL, tracking.ENSEMBLE):
         raise RegistryError(f"run {run_id} is {'a ' + kind if kind else 'not a covidsearch'} run, not a trial: "
                             "pick one of the trials listed by `covidsearch runs`")
     if run.info.status != "FINISHED":
@@ -166,12 +173,20 @@ def promote(client: MlflowClient, run_id: str, name: str = DEFAULT_NAME, alias: 
     """Give a finished trial's model the alias: every check runs before the registry is touched."""
     trial = finished_trial(client, run_id)
     check_gates(trial.test_metrics, require, f"run {run_id}")
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    own = f"models:/{trial.model_id}"
+    return register(client, trial, lambda: own, trial.version_tags(), lambda v: v.source == own, name, alias)
+
+
+def register(client: MlflowClient, trial: Trial, model_uri: Callable[[], str], tags: dict[str, str],
+             same: Callable[[Any], bool], name: str = DEFAULT_NAME, alias: str = DEFAULT_ALIAS) -> Promotion:
+    """Give the alias to the trial's version that `same` recognises, registering model_uri() (called only then) with
+    `tags` when there is none: promoting the same model twice adds no version."""
+    run_id = trial.run.info.run_id
+    existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") if same(v)]
     if existing:
         version, created = str(min(int(v.version) for v in existing)), False
     else:
-        version = str(mlflow.register_model(f"models:/{trial.model_id}", name, tags=trial.version_tags()).version)
-        created = True
+        version, created = str(mlflow.register_model(model_uri(), name, tags=tags).version), True
     return Promotion(name, alias, version, run_id, created, _move_alias(client, name, alias, version))
 
 

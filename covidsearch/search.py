@@ -17,12 +17,12 @@ from typing import IO, Any
 
 import keras
 
-from . import SearchError, data, metrics, models, projects, spaces, tracking, trial
+from . import SearchError, data, metrics, models, operating, projects, spaces, tracking, trial
 from .metrics import maximise
 from .oracles import TUNERS, make_oracle
 from .progress import Progress, clock
 from .tuner import Tuner
-from .workers import Pool
+from .workers import MAX_GROWTH, TRIALS_PER_WORKER, Pool
 
 
 @dataclass
@@ -50,11 +50,13 @@ class Options:
     precision: str = "auto"
     resume: str = "auto"  # auto: continue an unfinished identical search; never; required
     max_consecutive_failed_trials: int = 3
-    trials_per_worker: int = 1
+    trials_per_worker: int = TRIALS_PER_WORKER  # a worker process is replaced after this many trials
+    max_worker_growth: float = MAX_GROWTH  # percent; or once its memory grows so much past its first trial's
     workers_per_gpu: int = 1  # trials run at once in this process's search, sharing the device
     progress: str = "plain"  # tty, plain or off (see progress.mode_for)
     oracle: str | None = None  # HOST:PORT: `run` serves the oracle there (the chief), `work` asks it for trials
     worker_id: str | None = None  # a worker's Keras Tuner id (default: host name and an id kept in --project-dir)
+    target_sensitivity: float | None = None  # each trial's COVID-19 threshold reaching it on validation (operating.py)
 
 
 @dataclass
@@ -131,8 +133,11 @@ def _settings(opts: Options, space: spaces.Space) -> dict[str, Any]:
                         ("--trials-per-worker", opts.trials_per_worker), ("--workers-per-gpu", opts.workers_per_gpu)):
         if value < 1:
             raise SearchError(f"{name} must be at least 1, not {value}")
+    if not opts.max_worker_growth > 0:
+        raise SearchError(f"--max-worker-growth must be a percentage above 0, not {opts.max_worker_growth}")
     if opts.test_per_class is not None and opts.test_per_class < 1 and not opts.test_data:
         raise SearchError(f"--test-per-class must be at least 1, not {opts.test_per_class}")
+    operating.check_target(opts.target_sensitivity)
     return {"space": space.path.stem, "tuner": tuner, "max_trials": max_trials, "max_epochs": max_epochs,
             "objective": objective, "objective_direction": "max" if maximise(objective) else "min",
             "seed": opts.seed, "baseline": opts.baseline, "dedupe": opts.dedupe, "precision": opts.precision,
@@ -155,22 +160,27 @@ def _prepare(opts: Options, create: bool = True) -> _Setup:
     client, experiment_id = tracking.connect(opts.tracking_uri, opts.experiment, create)
     cache_dir = Path(opts.cache_dir or tracking.STORE_DIR / "cache")
     default = space.config(space.defaults())  # the baseline's pixels come from the scan's own decode
-    dataset = data.scan(opts.data, opts.classes, cache_dir,
+    progress = Progress(opts.progress, None if budget and opts.max_trials is None else settings["max_trials"],
+                        settings["objective"])
+    dataset = data.scan(opts.data, opts.classes, cache_dir, report=progress.counter("scan"),
                         sizes=[(int(default["input_size"]), default.get("color_mode", "rgb"))])
     _check_objective(settings["objective"], dataset.classes)
-    test_dataset = data.scan(opts.test_data, dataset.classes, cache_dir) if opts.test_data else None
+    operating.check_target(opts.target_sensitivity, dataset.classes)
+    test_dataset = (data.scan(opts.test_data, dataset.classes, cache_dir, report=progress.counter("test data scan"))
+                    if opts.test_data else None)
     test_per_class = opts.test_per_class if opts.test_per_class is not None else int(space.fixed.get("test_per_class", 40))
     space.fixed["test_per_class"] = test_per_class  # what the trials really used, for their records
     parts = data.split(dataset, opts.seed, float(space.fixed.get("val_fraction", 0.2)), test_per_class,
                        test_dataset, opts.dedupe)
     weights = data.class_weights(dataset.labels[parts.train], len(dataset.classes))
-    progress = Progress(opts.progress, None if budget and opts.max_trials is None else settings["max_trials"],
-                        settings["objective"])
     for line in _data_lines(dataset, parts, weights):
         progress.say(line)
     settings.update(test_per_class=test_per_class, classes="|".join(dataset.classes))
+    if opts.target_sensitivity is not None:  # only then: the key of a search without one stays what it was
+        settings["target_sensitivity"] = opts.target_sensitivity
     uri = tracking.store_uri(opts.tracking_uri)
-    plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, settings["objective"], opts.seed, opts.precision)
+    plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, settings["objective"], opts.seed, opts.precision,
+                      target_sensitivity=opts.target_sensitivity)
     return _Setup(space, settings, _search_key(space, settings, dataset, parts), client, experiment_id, uri, plan,
                   progress, budget)
 
@@ -295,7 +305,8 @@ def run(opts: Options) -> Result:
     directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
     search_run_id, project_name, state, lock = _start_or_resume(s, opts, directory)
     s.progress.say(f"search run {search_run_id} in {s.uri}")
-    pools = [Pool(opts.trials_per_worker, 1.0 / opts.workers_per_gpu) for _ in range(opts.workers_per_gpu)]
+    pools = [Pool(opts.trials_per_worker, 1.0 / opts.workers_per_gpu, opts.max_worker_growth)
+             for _ in range(opts.workers_per_gpu)]
     tuner = _tuner(s, opts, search_run_id, pools, directory, project_name)
     tuner.save()
     left = tuner.oracle.budget_left()
@@ -371,7 +382,7 @@ def work(opts: Options) -> WorkerResult:
         s.progress.notice(f"trial run {run_id} was in flight when worker {worker_id} stopped: marked KILLED, "
                           "it runs again")
     s.progress.say(f"worker {worker_id} joins search run {search_run_id} in {s.uri} (oracle at {opts.oracle})")
-    pools = [Pool(opts.trials_per_worker)]
+    pools = [Pool(opts.trials_per_worker, max_growth=opts.max_worker_growth)]
     tuner = _tuner(s, opts, search_run_id, pools, directory, project_name)
     try:
         tuner.search(verbose=0)

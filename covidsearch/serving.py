@@ -17,6 +17,7 @@ import binascii
 import os
 import sys
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from .registry import RegistryError
 
 COLUMN = "image"  # the input column: base64-encoded PNG or JPEG files
 PREDICTED = "predicted"  # the output column of class names, beside one probability column per class
-COVID = data.DEFAULT_CLASSES[0]  # the class an operating-point threshold is about
 CHANNELS = (1, 3, 4)  # what a uint8 array's last axis may be: grayscale, RGB, RGBA
 
 
@@ -46,24 +46,29 @@ def refused(message: str) -> MlflowException:
 class Classifier(mlflow.pyfunc.PythonModel):
     """A trial's Keras model with what a client should not have to know: class names, input size, colour mode."""
 
-    def __init__(self, classes: list[str], size: int, color_mode: str, threshold: float | None = None):
-        if threshold is not None and COVID not in classes:
-            raise ValueError(f"a {COVID} threshold needs a {COVID} class, not only {', '.join(classes)}")
+    def __init__(self, classes: list[str], size: int, color_mode: str, threshold: float | None = None,
+                 target: float | None = None):
+        if threshold is not None and data.COVID not in classes:
+            raise ValueError(f"a {data.COVID} threshold needs a {data.COVID} class, not only {', '.join(classes)}")
         self.classes, self.size, self.color_mode = list(classes), int(size), color_mode
         self.threshold = threshold  # COVID-19 from this probability on (an operating point), else the likeliest class
+        self.target = target  # the validation sensitivity the threshold was chosen for
         self.model: Any = None  # keras.Model, loaded by load_context
 
     @classmethod
-    def of(cls, model: Any, classes: list[str], threshold: float | None = None) -> Classifier:
+    def of(cls, model: Any, classes: list[str], threshold: float | None = None,
+           target: float | None = None) -> Classifier:
         """The wrapper of a Keras model that takes uint8 pixels (its input shape gives size and colour mode)."""
         shape = model.input_shape
-        return cls(classes, int(shape[1]), "grayscale" if shape[-1] == 1 else "rgb", threshold)
+        return cls(classes, int(shape[1]), "grayscale" if shape[-1] == 1 else "rgb", threshold, target)
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """What the logged model's MLmodel file shows a client."""
+        """What the logged model's MLmodel file shows a client (inference.load reads the operating point here)."""
         found = {"classes": self.classes, "input_size": self.size, "color_mode": self.color_mode}
-        return found if self.threshold is None else {**found, "covid_threshold": self.threshold}
+        if self.threshold is None:
+            return found
+        return {**found, tracking.COVID_THRESHOLD: self.threshold, tracking.TARGET_SENSITIVITY: self.target}
 
     def signature(self) -> ModelSignature:
         """A string `image` column in; `predicted` and each class's probability out."""
@@ -88,9 +93,21 @@ class Classifier(mlflow.pyfunc.PythonModel):
         """The likeliest class of each row, or COVID-19 wherever its probability reaches the threshold."""
         if self.threshold is None:
             return [self.classes[i] for i in probs.argmax(axis=1)]
-        covid = self.classes.index(COVID)
+        covid = self.classes.index(data.COVID)
         others = np.where(np.arange(len(self.classes)) == covid, -1.0, probs)
-        return [COVID if p[covid] >= self.threshold else self.classes[int(o.argmax())] for p, o in zip(probs, others)]
+        return [data.COVID if p[covid] >= self.threshold else self.classes[int(o.argmax())]
+                for p, o in zip(probs, others)]
+
+
+def requirements() -> list[str]:
+    """A logged Classifier's pinned runtime requirements, this process's (inferring them costs seconds per model);
+    Pillow reads served images."""
+    import keras
+
+    reqs = [f"keras=={version('keras')}", f"numpy=={version('numpy')}", f"pillow=={version('pillow')}"]
+    backend = keras.backend.backend()
+    reqs.append(f"{backend}=={version(backend)}" if backend != "tensorflow" else f"tensorflow=={version('tensorflow')}")
+    return reqs
 
 
 # ---------------------------------------------------------------- requests to pixels

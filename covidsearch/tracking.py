@@ -45,6 +45,9 @@ ENSEMBLE = "ensemble"  # a child run of a search whose model averages its best t
 MEMBERS = "ensemble_members"  # an ensemble's member trial run ids, comma-separated
 TRIAL_ID = "covidsearch_trial_id"  # Keras Tuner's trial id
 WORKER_ID = "covidsearch_worker_id"  # the tuner id that ran a trial
+WORKER_PID = "covidsearch_worker_pid"  # the worker process that trained a trial (workers.py)
+WORKER_TRIAL = "covidsearch_worker_trial"  # which of that process's trials it was: 1 for its first
+WORKER_RECYCLED = "covidsearch_worker_recycled"  # why that process was replaced after this trial
 SEARCH_KEY = "covidsearch_search_key"  # identity of a search's settings and data: how workers find their chief
 ORACLE = "covidsearch_oracle"  # where a chief serves its oracle ("none" for a local search)
 BUDGET = "covidsearch_budget_minutes"  # the --budget a search was (last) run with
@@ -81,6 +84,13 @@ BEST = "best_"  # prefix: a trial's best epoch's validation metrics, and the sea
 TEST = "test_"  # prefix of the held-out test metrics
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # suffixes of a metric's bootstrap 95% interval (metrics.interval_metrics)
 EPOCHS_TRAINED = "epochs_trained"
+SETUP = "setup_seconds_"  # prefix: a trial's fixed cost by part, the seconds it spent outside its epochs, in:
+PART_WORKER_START = "worker_start"  # the start-up of its worker process that it waited for
+PART_DATA, PART_BUILD = "data", "build"  # its pixels from the cache; its model built and compiled
+PART_FIT = "fit"  # model.fit outside the epochs' own seconds (train_seconds + val_seconds)
+PART_TEST, PART_FIGURES = "test", "figures"  # scoring the test split; drawing the figures
+PART_MODEL, PART_MLFLOW = "model", "mlflow"  # saving and logging the model; every other call to the store
+WORKER_RSS = "worker_rss_mb"  # the worker's resident memory after the trial, Keras state cleared
 COVID_THRESHOLD = "covid_threshold"  # COVID-19 is called from this probability on (also the models' metadata key)
 AT_OP = "_at_op"  # suffix of the metrics at that threshold (metrics.at_threshold): test_sensitivity_covid_19_at_op
 
@@ -331,6 +341,15 @@ def finish_trial(found: MlflowClient, run_id: str) -> None:
     found.set_terminated(run_id, "FINISHED")
 
 
+def record_worker(found: MlflowClient, run_id: str, pid: int, nth: int, rss_mb: float | None, waited: float,
+                  recycled: str | None) -> None:
+    """Which worker process trained the trial and which of its trials it was, its memory after it, the start-up the
+    trial waited for, and why the worker was replaced after it: recycling, visible trial by trial."""
+    tags = {WORKER_PID: str(pid), WORKER_TRIAL: str(nth), **({WORKER_RECYCLED: recycled} if recycled else {})}
+    found.log_batch(run_id, metrics=metrics({WORKER_RSS: rss_mb, f"{SETUP}{PART_WORKER_START}": waited}),
+                    tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def fail_trial(found: MlflowClient, run_id: str, error: str) -> None:
     """FAILED with the error, unless the trial's own process already ended it."""
     if found.get_run(run_id).info.status == "RUNNING":
@@ -497,28 +516,59 @@ def baseline_lead(rows: list[dict[str, Any]]) -> str | None:
 
 class TrialRecord:
     """What a trial's worker process writes to its run: epochs, test metrics, the model, figures. The run stays
-    RUNNING (the search ends it once it has the result); an error fails it with the traceback."""
+    RUNNING (the search ends it once it has the result); an error fails it with the traceback. It also keeps the
+    clock of the trial's fixed cost: its own calls time themselves, `lap` charges the time between to a part."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        mlflow.set_tracking_uri(tracking_uri)
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
-        # MLflow files a logged model under the process's current experiment, whatever run it names
-        mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
+        self.parts: dict[str, float] = {}  # seconds by part of the trial (SETUP names)
+        self._lapped, self._charged = time.perf_counter(), 0.0  # the last lap; seconds since charged by calls
+        with self._timed(PART_MLFLOW):
+            mlflow.set_tracking_uri(tracking_uri)
+            self.client, self.run_id = MlflowClient(tracking_uri), run_id
+            # MLflow files a logged model under the process's current experiment, whatever run it names
+            mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Charge the block's seconds to `part`, and not to the lap it runs in."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            self.parts[part] = self.parts.get(part, 0.0) + seconds
+            self._charged += seconds
+
+    def lap(self, part: str) -> None:
+        """Charge the seconds since the last lap to `part`, less those this record's own calls charged to theirs."""
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self._lapped - self._charged
+        self._lapped, self._charged = now, 0.0
+
+    def setup_seconds(self, epoch_seconds: float) -> dict[str, float]:
+        """The parts as SETUP metrics; the fit's less its epochs, which are training, not setup."""
+        parts = {**self.parts, PART_FIT: self.parts.get(PART_FIT, 0.0) - epoch_seconds}
+        return {f"{SETUP}{part}": seconds for part, seconds in parts.items()}
 
     def log_epoch(self, values: dict[str, float], step: int) -> None:
-        self.client.log_batch(self.run_id, metrics=metrics(values, step))
+        with self._timed(PART_MLFLOW):
+            self.client.log_batch(self.run_id, metrics=metrics(values, step))
 
     def log_metrics(self, values: dict[str, float]) -> None:
-        self.client.log_batch(self.run_id, metrics=metrics(values))
+        with self._timed(PART_MLFLOW):
+            self.client.log_batch(self.run_id, metrics=metrics(values))
 
     def log_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        with self._timed(PART_MLFLOW):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_table(self, table: dict[str, list], name: str = CONFUSION) -> None:
-        self.client.log_table(self.run_id, table, name)
+        with self._timed(PART_MLFLOW):
+            self.client.log_table(self.run_id, table, name)
 
     def log_figures(self, folder: Path) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), FIGURES)
+        with self._timed(PART_MLFLOW):
+            self.client.log_artifacts(self.run_id, str(folder), FIGURES)
 
     def log_model(self, model: Any, served: Any, requirements: list[str], name: str = MODEL) -> str:
         """The model as an MLflow 3 logged model of this run: `served` (a serving.Classifier, the pyfunc any MLflow
@@ -526,9 +576,7 @@ class TrialRecord:
         it runs; returns its models:/ URI."""
         from mlflow.models import Model
 
-        logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # advice against pickling our own class, per trial
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*An input example was not provided")  # checking one costs a model load
+        with self._timed(PART_MODEL), tempfile.TemporaryDirectory() as tmp, _quiet_model_saving():
             keras_file = Path(tmp) / KERAS_FILE
             model.save(keras_file)
             return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=served,
@@ -538,6 +586,30 @@ class TrialRecord:
 
     def fail(self, error: str, traceback_text: str) -> None:
         end_run(self.client, self.run_id, "FAILED", error, traceback_text)
+
+
+@contextlib.contextmanager
+def _quiet_model_saving() -> Iterator[None]:
+    """MLflow's advice against pickling our own class and its note that no input example was given (checking one
+    costs a model load): said of every trial's model, they are noise."""
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*An input example was not provided")
+        yield
+
+
+def rehearse(tracking_uri: str, model: Any, served: Any, requirements: list[str], folder: Path) -> None:
+    """What a worker process pays on its first trial only, paid while it is on standby: the store opened (MLflow's
+    engine and schema check), and a model saved as TrialRecord.log_model packages it, into `folder` and no run
+    (MLflow's imports and its scan of the installed packages)."""
+    import mlflow.pyfunc
+
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
+    with _quiet_model_saving():
+        keras_file = folder / KERAS_FILE
+        model.save(keras_file)
+        mlflow.pyfunc.save_model(str(folder / MODEL), python_model=served, artifacts={KERAS_ARTIFACT: str(keras_file)},
+                                 signature=served.signature(), metadata=served.metadata, pip_requirements=requirements)
 
 
 # ---------------------------------------------------------------- evaluations and reports

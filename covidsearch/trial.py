@@ -12,14 +12,13 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from . import data, metrics, models, plots, progress, serving, tracking
+from . import data, metrics, models, operating, plots, progress, serving, tracking
 
 
 @dataclass
@@ -34,6 +33,7 @@ class Plan:
     objective: str
     seed: int
     precision: str = "auto"
+    target_sensitivity: float | None = None  # find the COVID-19 threshold reaching it on validation (operating.py)
 
 
 @dataclass
@@ -66,6 +66,22 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
         raise TrialFailed(message) from None
 
 
+def rehearse(tracking_uri: str) -> None:
+    """Pay on standby what a worker process pays on its first trial only (the store opened, a tiny model fitted,
+    saved as MLflow logs it and drawn with Grad-CAM), so that the trial it takes over pays for that trial alone."""
+    classes, labels = list(data.DEFAULT_CLASSES), np.arange(len(data.DEFAULT_CLASSES))
+    model = models.build({"model": "convnet", "input_size": 32, "filters": 1, "dense_units": 1, "dropout": 0.0,
+                          "learning_rate": 1e-3}, len(classes))
+    images, probs = np.zeros((len(classes), 32, 32, 3), dtype=np.uint8), np.eye(len(classes))
+    model.fit(images, probs, verbose=0)
+    model.predict(images, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.rehearse(tracking_uri, model, serving.Classifier.of(model, classes), serving.requirements(), Path(tmp))
+        plots.write_trial_figures(Path(tmp), model, images, labels, probs, classes, {"loss": [1.0], "accuracy": [0.5]},
+                                  [{"val_loss": 1.0, "val_accuracy": 0.5}])
+    keras.backend.clear_session()
+
+
 def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) -> dict[str, float]:
     """Fit as the tutorial does, keep the best checkpoint, score it on the test split, log model and figures."""
     started = time.perf_counter()
@@ -73,38 +89,47 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     _set_precision(plan.precision)
     _share_compilations(plan.cache_dir)
     x_train, y_train, x_val, y_val, x_test, y_test = _arrays(spec.config, plan)
+    record.lap(tracking.PART_DATA)
     classes = plan.dataset.classes
     model = _build(spec, len(classes))
+    record.lap(tracking.PART_BUILD)
     weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
     batch_size = int(spec.config["batch_size"])
     validation = ValidationMetrics(x_val, y_val, classes, batch_size, plan.objective, weights_path)
-    history = _fit(model, spec, (x_train, keras.utils.to_categorical(y_train, len(classes))),
+    train = Batches(x_train, batch_size, keras.utils.to_categorical(y_train, len(classes)), shuffle=True,
+                    seed=plan.seed + int(spec.trial_id))
+    history = _fit(model, spec, train,
                    plan.class_weights if spec.config.get("class_weighting", "balanced") == "balanced" else None,
                    [validation, keras.callbacks.TerminateOnNaN(), EpochLogger(record, spec)])
     losses = history.get("loss", [])
     if not losses or any(not math.isfinite(v) for v in losses):
         raise TrialFailed(f"training loss became NaN or infinite after {len(losses)} epoch(s)")
     _load_weights(model, weights_path)
+    record.lap(tracking.PART_FIT)
     best = validation.best()
-    test_probs = model.predict(x_test, batch_size=batch_size, verbose=0)
+    test_probs = _predict(model, x_test, batch_size)
     record.log_metrics({f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()})
     record.log_metrics(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=plan.seed),
                                                 tracking.TEST))
+    served = _served(record, spec, plan, model, x_val, y_val, y_test, test_probs)
     record.log_table(metrics.confusion_table(y_test, test_probs, classes))
-    record.log_model(model, serving.Classifier.of(model, classes), _requirements())
+    record.log_model(model, served, serving.requirements())
+    record.lap(tracking.PART_TEST)
     figures_started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         plots.write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, history,
                                   validation.epochs, spec.initial_epoch)
         record.log_figures(Path(tmp))
+    record.lap(tracking.PART_FIGURES)
     record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
                         "figures_seconds": time.perf_counter() - figures_started,
                         "trial_seconds": time.perf_counter() - started, "worker_peak_rss_mb": _peak_rss_mb(),
+                        **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
                         **{f"{tracking.BEST}{k}": v for k, v in best.items()}})
     return best
 
 
-def _fit(model: keras.Model, spec: Spec, train: tuple[np.ndarray, np.ndarray], class_weight: dict[int, float] | None,
+def _fit(model: keras.Model, spec: Spec, train: Batches, class_weight: dict[int, float] | None,
          callbacks: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
     """The tutorial's fit (early stopping on val_loss), phase by phase: a head-only phase runs its epochs in full,
     since its plateau says nothing about fine-tuning; the history of all phases together."""
@@ -115,8 +140,7 @@ def _fit(model: keras.Model, spec: Spec, train: tuple[np.ndarray, np.ndarray], c
         stopping = [] if phase == "head" else [keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=int(config["patience"]), min_delta=float(config["min_delta"]), mode="min")]
         rate = LearningRate(config, 0 if phase != "tune" else int(config["head_epochs"]), end)
-        fitted = model.fit(*train, batch_size=int(config["batch_size"]), epochs=end, initial_epoch=first,
-                           class_weight=class_weight, shuffle=True, verbose=0,
+        fitted = model.fit(train, epochs=end, initial_epoch=first, class_weight=class_weight, verbose=0,
                            callbacks=[*callbacks[:1], rate, *callbacks[1:], *stopping])
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(values)
@@ -153,16 +177,45 @@ def _bfloat16_gpu() -> bool:
     return False
 
 
-def _arrays(config: dict[str, Any], plan: Plan) -> tuple[np.ndarray, ...]:
-    """Train/validation/test pixels of this trial's input size from the decode-once cache."""
+def _arrays(config: dict[str, Any], plan: Plan) -> tuple[Any, ...]:
+    """Train/validation/test pixels of this trial's input size: rows of the memory-mapped decode-once cache,
+    read batch by batch (data.Rows), and their labels."""
     size, mode = int(config["input_size"]), config.get("color_mode", "rgb")
     pixels = data.arrays(plan.dataset, size, mode, plan.cache_dir)
     labels = plan.dataset.labels
     test_ds = plan.split.test_dataset
     test_pixels = pixels if test_ds is plan.dataset else data.arrays(test_ds, size, mode, plan.cache_dir)
-    return (np.asarray(pixels[plan.split.train]), labels[plan.split.train],
-            np.asarray(pixels[plan.split.val]), labels[plan.split.val],
-            np.asarray(test_pixels[plan.split.test]), test_ds.labels[plan.split.test])
+    return (data.Rows(pixels, plan.split.train), labels[plan.split.train],
+            data.Rows(pixels, plan.split.val), labels[plan.split.val],
+            data.Rows(test_pixels, plan.split.test), test_ds.labels[plan.split.test])
+
+
+class Batches(keras.utils.PyDataset):
+    """Keras batches gathered from data.Rows, in a new seeded order each epoch when shuffled: memory holds the
+    batch in flight, not a copy of the split."""
+
+    def __init__(self, rows: data.Rows, batch_size: int, targets: np.ndarray | None = None, shuffle: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        self.rows, self.batch_size, self.targets, self.shuffle = rows, batch_size, targets, shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, index: int) -> Any:
+        picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.rows[picked] if self.targets is None else (self.rows[picked], self.targets[picked])
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.order = self.rng.permutation(len(self.rows))
+
+
+def _predict(model: keras.Model, rows: data.Rows, batch_size: int) -> np.ndarray:
+    """Class probabilities of every row, batch by batch."""
+    return model.predict(Batches(rows, batch_size), verbose=0)
 
 
 def _build(spec: Spec, n_classes: int) -> Any:
@@ -182,12 +235,19 @@ def _load_weights(model: keras.Model, path: str) -> None:
         model.load_weights(path)
 
 
-def _requirements() -> list[str]:
-    """Pinned runtime requirements (inferring them costs seconds per trial); Pillow reads served images."""
-    reqs = [f"keras=={version('keras')}", f"numpy=={version('numpy')}", f"pillow=={version('pillow')}"]
-    backend = keras.backend.backend()
-    reqs.append(f"{backend}=={version(backend)}" if backend != "tensorflow" else f"tensorflow=={version('tensorflow')}")
-    return reqs
+def _served(record: tracking.TrialRecord, spec: Spec, plan: Plan, model: Any, x_val: data.Rows, y_val: np.ndarray,
+            y_test: np.ndarray, test_probs: np.ndarray) -> serving.Classifier:
+    """The model as logged: with the COVID-19 threshold reaching the search's target sensitivity on validation (logged
+    with its test scores), else argmax: without a target, or when none reaches it (the console says so)."""
+    classes = plan.dataset.classes
+    if plan.target_sensitivity is None:
+        return serving.Classifier.of(model, classes)
+    val_probs = _predict(model, x_val, int(spec.config["batch_size"]))
+    point = operating.find(plan.target_sensitivity, y_val, val_probs, y_test, test_probs, classes, plan.seed)
+    operating.record(record, point)
+    if point.threshold is None:
+        progress.trial_notice(spec.progress, spec.label, point.line())
+    return serving.Classifier.of(model, classes, point.threshold, point.target)
 
 
 def _peak_rss_mb() -> float:
@@ -204,7 +264,7 @@ class ValidationMetrics(keras.callbacks.Callback):
     """Validation loss and every test metric per epoch from one prediction pass over the split, and the
     checkpoint of the epoch best by the search's objective: the model a trial keeps is the one it is ranked by."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, objective: str,
+    def __init__(self, x: data.Rows | np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, objective: str,
                  weights_path: str):
         super().__init__()
         self.x, self.y, self.classes, self.batch_size = x, y, classes, batch_size
@@ -218,7 +278,7 @@ class ValidationMetrics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         trained = time.perf_counter()
-        probs = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        probs = _predict(self.model, self.x, self.batch_size)
         values = {f"val_{k}": v for k, v in metrics.evaluate(self.y, probs, self.classes).items()}
         if self.objective not in values:
             raise TrialFailed(f"objective {self.objective!r} is not a validation metric; try val_loss, "

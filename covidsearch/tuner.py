@@ -106,6 +106,8 @@ class Tuner(base_tuner.BaseTuner):
             raise
         finally:
             self._free.put(pool)
+        tracking.record_worker(self.client, spec.run_id, reply.pid, reply.nth, reply.rss_mb, reply.waited,
+                               reply.recycled)
         if reply.error is not None:
             tracking.fail_trial(self.client, spec.run_id, reply.error)
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {reply.error}", maximise(objective))

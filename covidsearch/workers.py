@@ -1,26 +1,38 @@
-"""Worker processes: each trial is trained in a child process, so a crash, an out-of-memory kill or Keras
-Tuner's memory growth across trials (keras-team/keras-tuner #395, #873) ends with that process.
+"""Worker processes: trials are trained in long-lived child processes, so a crash or an out-of-memory kill ends
+with that process (it fails only its trial), and each worker is replaced, as gunicorn's max-requests or Ray's
+max_calls replace theirs, once it has run `trials_per_worker` trials or its memory has grown past a bound: Keras
+Tuner's memory growth across trials (keras-team/keras-tuner #395, #873; TensorFlow keeps every trained model's
+variables, tensorflow/tensorflow #61791, whose buffers a worker empties after each trial) then never builds up,
+and a trial pays for its training, not for a process start.
 
-The search side (`Pool`) and the worker side (`main`, run as `python -m covidsearch.workers`) speak
-over one socket: the search sends a `Task`, the worker answers a `Reply`.
+The search side (`Pool`) and the worker side (`serve`, run as `python -m covidsearch.workers`) speak over one
+socket: the search sends a `Task`, the worker answers a `Reply`; a new standby is first sent a `Warm`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import held_stderr
 
 if TYPE_CHECKING:
     from .trial import Plan, Spec
+
+TRIALS_PER_WORKER = 20  # trials a worker runs before it is replaced, whatever its memory
+MAX_GROWTH = 10.0  # percent: a worker whose memory after a trial is this much above that after its first is replaced
 
 
 @dataclass
@@ -29,83 +41,126 @@ class Task:
 
     spec: Spec
     plan: Plan
+    sent: float = 0.0  # when the search sent it (epoch seconds): the worker's start-up it waited for shows
+
+
+@dataclass
+class Warm:
+    """For a standby: rehearse what a process pays on its first trial only, on the search's tracking store."""
+
+    tracking_uri: str
 
 
 @dataclass
 class Reply:
-    """A worker's answer: the trial's validation metrics, or why it failed."""
+    """A worker's answer: the trial's validation metrics, or why it failed; and which worker process ran it."""
 
     metrics: dict[str, float] | None = None
     error: str | None = None
+    pid: int = 0  # the worker process
+    nth: int = 0  # the worker's n-th trial (1: its first)
+    rss_mb: float | None = None  # the worker's resident memory after the trial, Keras state cleared
+    waited: float = 0.0  # seconds the task waited for the worker to be ready: start-up the standby did not hide
+    recycled: str | None = None  # why the pool replaced the worker after this trial
+
+
+@dataclass
+class _Worker:
+    """A worker process as the pool sees it: its pipe, the trials it ran, its memory after its first good one."""
+
+    process: subprocess.Popen
+    conn: Connection
+    trials: int = 0
+    first_rss: float | None = None
+
+
+def recycle_reason(trials: int, trials_per_worker: int, first_rss: float | None, rss: float | None,
+                   max_growth: float) -> str | None:
+    """Why a worker that has run `trials` trials must be replaced now (None: it may run another): the leak of
+    each trial is paid back by a process start only when it has added up."""
+    if trials >= trials_per_worker:
+        return f"after {trials} trial{'s' if trials > 1 else ''}"
+    if first_rss and rss is not None and rss > first_rss * (1 + max_growth / 100):
+        return (f"memory {rss:.0f} MB, {(rss / first_rss - 1) * 100:.0f}% above {first_rss:.0f} MB after its first "
+                f"trial (bound {max_growth:g}%)")
+    return None
 
 
 class Pool:
-    """The worker processes of one trial slot; the next worker starts (imports Keras, opens the device) while
-    the current trial trains, so its start-up hides where a core is free. `device_share` bounds the GPU memory
-    of each of its processes."""
+    """The worker processes of one trial slot: the current worker, which runs trial after trial, and a standby
+    started (Keras imported, the device opened) while the current one trains, which takes over when the current one
+    is recycled or dies. `device_share` bounds the GPU memory of each of its processes."""
 
-    def __init__(self, trials_per_worker: int = 1, device_share: float = 1.0):
-        self.trials_per_worker, self.device_share = trials_per_worker, device_share
-        self._current: tuple[subprocess.Popen, Connection] | None = None  # with trials left
-        self._left = 0
-        self._standby: tuple[subprocess.Popen, Connection] | None = None
+    def __init__(self, trials_per_worker: int = TRIALS_PER_WORKER, device_share: float = 1.0,
+                 max_growth: float = MAX_GROWTH):
+        self.trials_per_worker, self.device_share, self.max_growth = trials_per_worker, device_share, max_growth
+        self._current: _Worker | None = None
+        self._standby: _Worker | None = None
 
     # A worker dies with the *thread* that started it (PR_SET_PDEATHSIG, see _die_with_parent), and the threads of
     # Tuner.search_in_parallel end one by one while another may still use a worker one of them started: every worker
     # is started from this one thread, which lives as long as the search process.
     _starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-worker-starter")
 
-    def _spawn(self) -> tuple[subprocess.Popen, Connection]:
+    def _spawn(self) -> _Worker:
         """A worker process, started from the one long-lived starter thread."""
         return self._starter.submit(self._start).result()
 
-    def _start(self) -> tuple[subprocess.Popen, Connection]:
+    def _start(self) -> _Worker:
         """Start a worker in a session of its own: Ctrl-C at the terminal reaches only the search process,
         which decides what an interrupt ends (and kills the workers)."""
         ours, theirs = socket.socketpair()
-        command = [sys.executable, "-m", __name__, str(theirs.fileno()), str(self.trials_per_worker),
-                   str(self.device_share)]
+        command = [sys.executable, "-m", __name__, str(theirs.fileno()), str(self.device_share)]
         process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
-        return process, Connection(ours.detach())
+        return _Worker(process, Connection(ours.detach()))
 
     def run(self, task: Task) -> Reply:
-        """Run one trial in a worker; a worker that dies is a failed trial, not a failed search."""
-        if self._current is None or self._left == 0:
-            self._retire()
-            self._current, self._left = self._standby or self._spawn(), self.trials_per_worker
-            self._standby = self._spawn()
-        process, conn = self._current
-        self._left -= 1
+        """Run one trial in the current worker; a worker that dies is a failed trial, not a failed search."""
+        worker = self._current or self._take_standby(task.plan.tracking_uri)
+        worker.trials += 1
         try:
-            conn.send(task)
-            reply = conn.recv()
+            worker.conn.send(replace(task, sent=time.time()))
+            reply: Reply = worker.conn.recv()
         except (EOFError, OSError):
-            self._current, self._left = None, 0
-            return Reply(error=f"the worker process died (exit code {_wait(process)}: killed, or out of memory)")
-        if self._left == 0:
+            code = _wait(worker.process)
+            self._retire()
+            return Reply(error=f"the worker process died (exit code {code}: killed, or out of memory)",
+                         pid=worker.process.pid, nth=worker.trials)
+        if worker.first_rss is None and reply.error is None:  # a trial that failed early says nothing of memory
+            worker.first_rss = reply.rss_mb
+        reply.recycled = recycle_reason(worker.trials, self.trials_per_worker, worker.first_rss, reply.rss_mb,
+                                        self.max_growth)
+        if reply.recycled:
             self._retire()
         return reply
 
+    def _take_standby(self, tracking_uri: str) -> _Worker:
+        """The standby becomes the current worker, and a new standby starts behind it and warms up."""
+        self._current = self._standby or self._spawn()
+        self._standby = self._spawn()
+        self._standby.conn.send(Warm(tracking_uri))
+        return self._current
+
     def _retire(self) -> None:
         if self._current is not None:
-            _stop(*self._current)
+            _stop(self._current)
             self._current = None
 
     def close(self) -> None:
         """Stop every worker, the standby and one still training (after an interrupt) included."""
         self._retire()
         if self._standby is not None:
-            _stop(*self._standby)
+            _stop(self._standby)
             self._standby = None
 
 
-def _stop(process: subprocess.Popen, conn: Connection) -> None:
+def _stop(worker: _Worker) -> None:
     """Close a worker's pipe (an idle worker then exits by itself); kill it if it does not."""
-    conn.close()
-    if _wait(process) is None:
-        process.kill()
-        process.wait()
+    worker.conn.close()
+    if _wait(worker.process) is None:
+        worker.process.kill()
+        worker.process.wait()
 
 
 def _wait(process: subprocess.Popen, seconds: float = 5) -> int | None:
@@ -118,8 +173,9 @@ def _wait(process: subprocess.Popen, seconds: float = 5) -> int | None:
 # ---------------------------------------------------------------- the worker side
 
 
-def serve(conn: Connection, trials: int, device_share: float = 1.0) -> None:
-    """A worker process's loop: train up to `trials` tasks sent over the pipe, answering each with a Reply."""
+def serve(conn: Connection, device_share: float = 1.0) -> None:
+    """A worker process's loop: train the tasks sent over the pipe until the search closes it, answering each with
+    a Reply, and leave no Keras state of one trial to the next."""
     _die_with_parent()
     # Take GPU memory as needed, up to this worker's share: a standby worker and the trials sharing
     # a GPU must not each grab JAX's default 75% (TensorFlow: grow on demand).
@@ -131,19 +187,83 @@ def serve(conn: Connection, trials: int, device_share: float = 1.0) -> None:
 
         from . import trial
     keras.ops.convert_to_tensor(np.zeros(1))  # start the accelerator runtime while still on standby
-    for _ in range(trials):
+    _settle()
+    served = 0
+    while True:
         try:
-            task: Task = conn.recv()
-        except EOFError:  # the search ended or retired this worker before using it
-            return
-        conn.send(_answer(trial, task))
+            task: Task | Warm = conn.recv()
+        except EOFError:  # the search ended or retired this worker
+            _exit()
+        if isinstance(task, Warm):
+            trial.rehearse(task.tracking_uri)
+            _settle()
+            continue
+        waited, served = max(0.0, time.time() - task.sent), served + 1
+        reply = _answer(trial, task)
+        keras.backend.clear_session()  # and a garbage collection: the trial's model is freed before memory is read
+        conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_resident_mb(), waited=waited))
 
 
 def _answer(trial: Any, task: Task) -> Reply:
     try:
-        return Reply(metrics=trial.run(task.spec, task.plan))
+        with _freed_variables():
+            return Reply(metrics=trial.run(task.spec, task.plan))
     except trial.TrialFailed as err:
         return Reply(error=str(err))
+
+
+@contextlib.contextmanager
+def _freed_variables() -> Iterator[None]:
+    """Empty every TensorFlow variable the block creates when it ends. TensorFlow keeps the variables that a compiled
+    Keras optimizer step updated alive after their model is gone (tensorflow/tensorflow #61791; graphs of the step
+    hold them): the model's weights and the optimizer's slots, three times the model's size, every trial. Emptied,
+    their buffers are freed: a trial of the tutorial's ConvNet then leaves about 30 MB behind instead of 90."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    created: list[Any] = []
+
+    def kept(next_creator: Any, **kwargs: Any) -> Any:
+        variable = next_creator(**kwargs)
+        created.append(variable)
+        return variable
+
+    try:
+        with tf.variable_creator_scope(kept):
+            yield
+    finally:
+        for variable in created:
+            tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.zeros([0], variable.dtype),
+                                        validate_shape=False)
+
+
+def _settle() -> None:
+    """Collect garbage, then exempt what is alive from later collections: the module state of TensorFlow, Keras and
+    MLflow is a million objects, which every full collection would walk again (0.3 s after each trial)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _exit() -> NoReturn:
+    """End at once: the worker has answered its last trial and holds nothing to save, and the interpreter's
+    teardown of TensorFlow takes seconds that the search would wait for."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _resident_mb() -> float | None:
+    """This process's resident memory now (VmRSS), what a leak grows; None where /proc does not say."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def _die_with_parent() -> None:
@@ -155,9 +275,9 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m covidsearch.workers FD TRIALS DEVICE_SHARE`: serve trials on the inherited socket."""
-    fd, trials, device_share = argv
-    serve(Connection(int(fd)), int(trials), float(device_share))
+    """`python -m covidsearch.workers FD DEVICE_SHARE`: serve trials on the inherited socket."""
+    fd, device_share = argv
+    serve(Connection(int(fd)), float(device_share))
 
 
 if __name__ == "__main__":  # run as a program, the module's classes must still be covidsearch.workers' (pickling)

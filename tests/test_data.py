@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 import shutil
 import subprocess
 import sys
@@ -471,3 +472,22 @@ def test_real_data_scans_clean():
     assert np.bincount(dataset.labels[parts.test]).tolist() == [40, 40, 40]
     leaks = data.leakage(dataset, parts)
     assert leaks["exact_duplicates"] == leaks["near_duplicates"] == 0  # no two images within 8 bits
+
+
+def test_the_scan_fills_the_cache_row_by_row_without_holding_the_pixels_and_shows_progress(tmp_path):
+    root = make_classes(tmp_path / "data", per_class=100)
+    (root / "NORMAL" / "broken.png").write_bytes(b"not a png")  # its row is left out of the pack
+    seen = []
+    tracemalloc.start()  # numpy's allocations are traced: the pixels held at once would show in full
+    dataset = data.scan(root, cache_dir=tmp_path / "cache", sizes=[(128, "rgb")],
+                        report=lambda done, total: seen.append((done, total)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    pack_bytes = 300 * 128 * 128 * 3
+    assert peak < pack_bytes / 3, f"{peak} bytes allocated to fill a {pack_bytes}-byte pack"
+    assert seen == [(done, 301) for done in range(1, 302)]
+    pixels = data.arrays(dataset, 128, "rgb", tmp_path / "cache")
+    assert isinstance(pixels, np.memmap) and pixels.shape == (300, 128, 128, 3)  # the scan's own pack, mapped
+    for i in (0, 150, 299):
+        assert np.array_equal(pixels[i], data.decode(dataset.samples[i].path, 128, "rgb"))
+    assert not list((tmp_path / "cache").rglob("filling.*"))

@@ -172,6 +172,7 @@ def test_help_and_a_mistyped_option_answer_at_once_without_loading_keras(workdir
     (["--max-epochs", "0"], "--max-epochs must be at least 1, not 0"),
     (["--max-failures", "0"], "--max-failures must be at least 1, not 0"),
     (["--trials-per-worker", "0"], "--trials-per-worker must be at least 1, not 0"),
+    (["--max-worker-growth", "0"], "--max-worker-growth must be a percentage above 0, not 0.0"),
     (["--workers-per-gpu", "0"], "--workers-per-gpu must be at least 1, not 0"),
     (["--test-per-class", "0"], "--test-per-class must be at least 1, not 0"),
     (["--objective", "val_nonsense"], "objective 'val_nonsense' is not a validation metric of this search"),

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -226,3 +227,58 @@ def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, wo
     assert tracking.trial_result(client, search_id, "0") is None  # a resume would run it: nothing FINISHED
     tracking.finish_trial(client, run_id)
     assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # a resume would not
+
+
+def _trials_by_id(work: Path) -> dict[str, Any]:
+    return {r.data.tags[tracking.TRIAL_ID]: r for r in _runs(work, "trial")}
+
+
+def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir):
+    """Trial 1 is its worker's second trial, trial 2 the first of the worker that replaced it: both are recorded as
+    the fresh worker's first trial is, and each run says which process ran it."""
+    result = cli("run", "--data", str(xray_dir), "--max-trials", "3", "--trials-per-worker", "2", *SMALL, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client, _ = _store(workdir)
+    trials = _trials_by_id(workdir)
+    assert sorted(trials) == ["0", "1", "2"] and {r.info.status for r in trials.values()} == {"FINISHED"}
+    tags = {i: r.data.tags for i, r in trials.items()}
+    assert tags["0"][tracking.WORKER_PID] == tags["1"][tracking.WORKER_PID] != tags["2"][tracking.WORKER_PID]
+    assert [tags[i][tracking.WORKER_TRIAL] for i in "012"] == ["1", "2", "1"]
+    assert tags["1"][tracking.WORKER_RECYCLED] == "after 2 trials" and tracking.WORKER_RECYCLED not in tags["0"]
+    first = trials["0"]
+    for run in trials.values():
+        assert set(run.data.metrics) == set(first.data.metrics)
+        assert tracking.logged_model(client, run) is not None
+        figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, tracking.FIGURES)}
+        assert figures == set(tracking.FIGURE_FILES.values())
+        assert run.data.metrics[tracking.WORKER_RSS] > 0
+        parts = {k for k in run.data.metrics if k.startswith(tracking.SETUP)}
+        assert {f"{tracking.SETUP}{p}" for p in (tracking.PART_WORKER_START, tracking.PART_DATA, tracking.PART_BUILD,
+                                                 tracking.PART_FIT, tracking.PART_TEST, tracking.PART_MODEL,
+                                                 tracking.PART_FIGURES, tracking.PART_MLFLOW)} == parts
+
+
+def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
+    """The worker that ran trial 0 is killed while it trains trial 1: trial 1 fails, and trial 2 runs in a fresh
+    worker (the standby) and finishes."""
+    proc = _start(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "4", *SMALL[4:])
+    _wait_for(lambda: (lambda t: t.get("0") is not None and t["0"].info.status == "FINISHED" and "1" in t)(
+        _trials_by_id(workdir)))
+    pid = int(_trials_by_id(workdir)["0"].data.tags[tracking.WORKER_PID])
+    os.kill(pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    trials = _trials_by_id(workdir)
+    assert [trials[i].info.status for i in "012"] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "worker process died" in trials["1"].data.tags["error"]
+    tags = {i: r.data.tags for i, r in trials.items()}
+    assert tags["1"][tracking.WORKER_PID] == str(pid) and tags["1"][tracking.WORKER_TRIAL] == "2"
+    assert tags["2"][tracking.WORKER_PID] != str(pid) and tags["2"][tracking.WORKER_TRIAL] == "1"
+
+
+def test_a_worker_is_recycled_after_its_trials_or_once_its_memory_grew_past_the_bound():
+    assert workers.recycle_reason(20, 20, 1000.0, 1010.0, 10.0) == "after 20 trials"
+    assert workers.recycle_reason(1, 1, None, None, 10.0) == "after 1 trial"
+    assert workers.recycle_reason(3, 20, 1000.0, 1100.0, 10.0) is None  # at the bound, not past it
+    assert workers.recycle_reason(3, 20, 1000.0, 1101.0, 10.0).startswith("memory 1101 MB, 10% above 1000 MB")
+    assert workers.recycle_reason(3, 20, None, 5000.0, 10.0) is None  # no finished trial yet to compare with

@@ -1,6 +1,7 @@
 """The training levers of the spaces, the kept checkpoint and the time budget, as a user would check them."""
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import keras
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import cli, store
-from covidsearch import models, oracles, tracking, trial
+from covidsearch import data, demo, models, oracles, tracking, trial
 
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
 CONVNET = {"model": "convnet", "input_size": 32, "filters": 4, "dense_units": 8, "dropout": 0.5,
@@ -122,6 +123,38 @@ def test_the_checkpoint_kept_is_the_epoch_best_by_the_objective(tmp_path: Path, 
     assert validation.best() == seen[list(epochs).index(kept)]
     model.load_weights(path)
     np.testing.assert_array_equal(model.layers[0].get_weights()[0], epochs[kept])
+
+
+def test_a_trial_reads_its_split_from_the_cache_batch_by_batch_without_copying_it(tmp_path: Path):
+    dataset = data.scan(demo.make_dataset(tmp_path / "xrays", per_class=150, size=48))
+    parts = data.split(dataset, 28, 0.2, 8)
+    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(tmp_path), "",
+                      "val_loss", 28)
+    config = {**CONVNET, "input_size": 192}
+    data.arrays(dataset, 192, "rgb", tmp_path)  # the scan's decode, before the trial
+    model = models.build(config, 3)
+    warm = data.Rows(_images(8, 192), np.arange(8))
+    model.fit(trial.Batches(warm, 8, keras.utils.to_categorical(np.arange(8) % 3, 3)), verbose=0)  # traced once
+    tracemalloc.start()  # numpy's allocations are traced: a copy of the split would show in full
+    x_train, y_train, *_ = trial._arrays(config, plan)
+    model.fit(trial.Batches(x_train, 8, keras.utils.to_categorical(y_train, 3), shuffle=True), epochs=1, verbose=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    split_bytes = int(np.prod(x_train.shape))
+    assert isinstance(x_train.pixels, np.memmap) and split_bytes > 30_000_000
+    assert peak < split_bytes / 4, f"{peak} bytes allocated to train on a {split_bytes}-byte split"
+
+
+def test_batches_hold_every_image_once_per_epoch_in_a_new_order():
+    rows = data.Rows(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1), np.arange(10)[::-1])
+    feed = trial.Batches(rows, 4, np.arange(10), shuffle=True, seed=3)
+    epochs = []
+    for _ in range(2):
+        batches = [feed[i] for i in range(len(feed))]
+        assert all(np.array_equal(x.ravel(), 9 - y) for x, y in batches)  # pixels and labels stay paired
+        epochs.append(np.concatenate([y for _, y in batches]))
+        feed.on_epoch_end()
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10)) and list(epochs[0]) != list(epochs[1])
 
 
 class _Clock:

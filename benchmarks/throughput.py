@@ -1,0 +1,338 @@
+"""Trials per hour (issue 12): what a covidsearch trial costs beyond its training, against plain Keras Tuner.
+
+The same random ConvNet search (the vanilla space, seed 28, --trials trials of --epochs epochs, no baseline
+trial, so both tuners draw the same points) runs on the real data as three whole commands, one after the other,
+each in fresh processes and each with its own tuner directory:
+  plain      Keras Tuner's RandomSearch in one process (this file, --side plain): a HyperModel with the vanilla
+             space's hyperparameters, the tutorial's ConvNet, metrics and class weights, validation every epoch;
+             no test set, no tracking. It is the search a user would otherwise write.
+  covidsearch  `covidsearch run` into a private SQLite MLflow store: worker processes, every trial recorded in
+             full (epochs, test metrics and intervals, model, figures).
+  no-logging   the same command with the trials' own MLflow logging turned into no-ops (TrialRecord's epochs,
+             metrics, table, model and figures; a sitecustomize.py on PYTHONPATH does it in the search and in
+             every worker, for this benchmark only). The search's own run bookkeeping is kept.
+Every side reads the same pixel cache, filled for every input size before the clock starts (a warm cache).
+
+It prints, per side, the wall time of the whole command and per trial; the ratio covidsearch / plain against
+the target of at most 1.25x; the per-trial fixed cost (a trial's share of the search's wall time, from the end
+of the previous trial to the end of this one, minus its epochs: train_seconds + val_seconds) against 1.5 s on
+CPU, with covidsearch's parts from the trials' setup_seconds_* metrics; and the tracking overhead,
+(covidsearch - no-logging) / covidsearch, against 2%. Figures are printed, never asserted:
+
+    .venv/bin/python benchmarks/throughput.py [--data DIR] [--trials 20] [--epochs 2] [--rounds 1]
+    .venv/bin/python benchmarks/throughput.py --trials 3 --epochs 1      # a quick check that it runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "covid-radiography"
+SIZES = (32, 50, 64, 96, 128)  # the vanilla space's input sizes, all filled into the cache before timing
+HYPERPARAMETERS = ("input_size", "filters", "dense_units", "dropout", "batch_size", "learning_rate")
+SEED, TEST_PER_CLASS, VAL_FRACTION = 28, 40, 0.2  # covidsearch's defaults, so both sides train on the same split
+RATIO_TARGET, FIXED_TARGET, TRACKING_TARGET = 1.25, 1.5, 2.0
+PACKAGES = ("keras", "tensorflow", "keras-tuner", "mlflow")
+NO_LOGGING = '''
+"""Written by benchmarks/throughput.py for its no-logging side: a trial's own MLflow logging does nothing."""
+from covidsearch import tracking
+
+for _name in ("log_epoch", "log_metrics", "log_tags", "log_table", "log_figures"):
+    setattr(tracking.TrialRecord, _name, lambda self, *args, **kwargs: None)
+tracking.TrialRecord.log_model = lambda self, *args, **kwargs: "models:/not-logged"
+'''
+
+
+@dataclass
+class Trial:
+    """One trial as a side saw it, in seconds: its share of the search's wall time and its epochs."""
+
+    values: dict[str, Any]
+    span: float  # from the end of the previous trial (or this one's start) to the end of this one
+    epochs: float
+    parts: dict[str, float] = field(default_factory=dict)  # covidsearch: setup_seconds_* and the rest of its run
+    first: bool = False  # covidsearch: the first trial of its worker process
+    recycled: str | None = None  # covidsearch: why its worker process was replaced after it
+
+    @property
+    def fixed(self) -> float:
+        return self.span - self.epochs
+
+
+@dataclass
+class Side:
+    """One whole command's wall time and its trials."""
+
+    name: str
+    wall: float
+    trials: list[Trial]
+
+
+# ---------------------------------------------------------------- the plain Keras Tuner side (its own process)
+
+
+def plain_search(data_dir: Path, cache: Path, trials: int, epochs: int, project: Path, out: Path) -> None:
+    """Keras Tuner's RandomSearch over the vanilla space in this process; per-trial times to `out` as JSON."""
+    import keras
+    import keras_tuner as kt
+    import numpy as np
+
+    from covidsearch import data
+
+    dataset = data.scan(data_dir, cache_dir=cache)
+    split = data.split(dataset, SEED, VAL_FRACTION, TEST_PER_CLASS)
+    pixels = {size: np.asarray(data.arrays(dataset, size, "rgb", cache)) for size in SIZES}
+    onehot = keras.utils.to_categorical(dataset.labels, len(dataset.classes))
+    weights = data.class_weights(dataset.labels[split.train], len(dataset.classes))
+    epoch_seconds: list[float] = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            epoch_seconds.append(time.perf_counter() - self.started)
+
+    class ConvNet(kt.HyperModel):
+        def build(self, hp: kt.HyperParameters) -> keras.Model:
+            size = hp.Choice("input_size", [32, 50, 64, 96, 128], default=50)
+            filters = hp.Choice("filters", [16, 32, 64], default=32)
+            units = hp.Choice("dense_units", [64, 128, 256, 512], default=256)
+            dropout = hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.5)
+            hp.Choice("batch_size", [32, 64, 128, 250], default=250)
+            rate = hp.Float("learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3)
+            model = keras.Sequential([
+                keras.Input((size, size, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                keras.layers.Conv2D(filters, 3, activation="relu"), keras.layers.MaxPooling2D(2),
+                keras.layers.Dropout(dropout), keras.layers.Flatten(), keras.layers.Dense(units, activation="relu"),
+                keras.layers.Dense(len(dataset.classes), activation="softmax")])
+            model.compile(keras.optimizers.Adam(rate), "categorical_crossentropy",
+                          metrics=["accuracy", keras.metrics.TruePositives(name="tp"),
+                                   keras.metrics.FalsePositives(name="fp"), keras.metrics.TrueNegatives(name="tn"),
+                                   keras.metrics.FalseNegatives(name="fn"), keras.metrics.Precision(name="precision"),
+                                   keras.metrics.Recall(name="recall")])
+            return model
+
+        def fit(self, hp: kt.HyperParameters, model: keras.Model, **kwargs: Any) -> Any:
+            x = pixels[hp.get("input_size")]
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), EpochTimer()]
+            return model.fit(x[split.train], onehot[split.train], batch_size=hp.get("batch_size"),
+                             validation_data=(x[split.val], onehot[split.val]), class_weight=weights, **kwargs)
+
+    rows: list[dict[str, Any]] = []
+
+    class Timed(kt.RandomSearch):
+        """RandomSearch that notes when each trial ends and how long its epochs took."""
+
+        def _configure_tensorboard_dir(self, *args: Any) -> None:
+            """Keras Tuner imports TensorBoard here for TensorBoard callbacks, and there are none (nor TensorBoard)."""
+
+        def on_trial_end(self, trial: Any) -> None:
+            super().on_trial_end(trial)
+            rows.append({"values": dict(trial.hyperparameters.values), "end": time.time(),
+                         "epochs": sum(epoch_seconds)})
+            epoch_seconds.clear()
+
+    tuner = Timed(ConvNet(), objective="val_loss", max_trials=trials, seed=SEED, directory=str(project),
+                  project_name="plain", overwrite=True)
+    started = time.time()
+    tuner.search(epochs=epochs, verbose=0)
+    out.write_text(json.dumps({"started": started, "trials": rows}))
+
+
+# ---------------------------------------------------------------- the sides, as whole commands
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of a command; its output is shown only when it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        sys.exit(f"throughput.py: {' '.join(command[:4])} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def run_plain(args: argparse.Namespace, work: Path) -> Side:
+    """The plain Keras Tuner side, in a fresh process."""
+    out = work / "plain.json"
+    wall = _run([sys.executable, __file__, "--side", "plain", "--data", str(args.data), "--trials", str(args.trials),
+                 "--epochs", str(args.epochs), "--cache-dir", str(args.cache_dir), "--project-dir", str(work),
+                 "--out", str(out)], work)
+    found = json.loads(out.read_text())
+    ends = [found["started"], *(row["end"] for row in found["trials"])]
+    return Side("plain", wall, [Trial(row["values"], ends[i + 1] - ends[i], row["epochs"])
+                                for i, row in enumerate(found["trials"])])
+
+
+def run_covidsearch(args: argparse.Namespace, work: Path) -> Side:
+    """`covidsearch run`, every trial recorded in full; its trials read back from its store."""
+    return _covidsearch(args, work, "covidsearch", logging=True)
+
+
+def run_no_logging(args: argparse.Namespace, work: Path) -> Side:
+    """`covidsearch run` with the trials' own MLflow logging turned into no-ops."""
+    return _covidsearch(args, work, "no-logging", logging=False)
+
+
+def _covidsearch(args: argparse.Namespace, work: Path, name: str, logging: bool) -> Side:
+    """`covidsearch run` in fresh processes into a store of its own."""
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(work) if not logging else "", str(ROOT),
+                                                       os.environ.get("PYTHONPATH", "")]))}
+    if not logging:
+        (work / "sitecustomize.py").write_text(textwrap.dedent(NO_LOGGING))
+    wall = _run([sys.executable, "-m", "covidsearch.cli", "run", "--space", "vanilla", "--data", str(args.data),
+                 "--tuner", "random", "--max-trials", str(args.trials), "--max-epochs", str(args.epochs),
+                 "--seed", str(SEED), "--no-baseline", "--tracking-uri", uri, "--project-dir", str(work / "tuner"),
+                 "--cache-dir", str(args.cache_dir), "--quiet"], work, env)
+    return Side(name, wall, _recorded_trials(uri) if logging else [])
+
+
+def _recorded_trials(uri: str) -> list[Trial]:
+    """covidsearch's trials from MLflow: spans from run end to run end, epochs from their per-epoch seconds."""
+    from covidsearch import tracking
+
+    client, experiment_id = tracking.connect(uri, create=False)
+    search = tracking.latest_search(client, experiment_id)
+    runs = sorted(tracking.trial_runs(client, search), key=lambda r: int(r.data.tags[tracking.TRIAL_ID]))
+    trials, previous = [], None
+    for run in runs:
+        start, end = run.info.start_time / 1000, run.info.end_time / 1000
+        epochs = sum(m.value for key in ("train_seconds", "val_seconds")
+                     for m in client.get_metric_history(run.info.run_id, key))
+        parts = {k[len(tracking.SETUP):]: v for k, v in run.data.metrics.items() if k.startswith(tracking.SETUP)}
+        parts["rest of the run (pipe, clear_session, search-side calls)"] = end - start - epochs - sum(parts.values())
+        parts["between runs (oracle, best trial, next run)"] = start - previous if previous is not None else 0.0
+        values = {k: v for k, v in run.data.params.items() if k in HYPERPARAMETERS}
+        tags = run.data.tags
+        trials.append(Trial(values, end - (previous if previous is not None else start), epochs, parts,
+                            tags.get(tracking.WORKER_TRIAL) == "1", tags.get(tracking.WORKER_RECYCLED)))
+        previous = end
+    return trials
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def report(rounds: list[dict[str, Side]], args: argparse.Namespace) -> None:
+    """Per side, per round; then the three figures against their targets, as medians over rounds."""
+    print(f"\n{'round':>5}  {'side':<12} {'wall s':>7} {'s/trial':>8} {'epochs s/trial':>15} {'fixed s/trial':>14}")
+    for i, sides in enumerate(rounds, 1):
+        for side in sides.values():
+            trials = side.trials
+            print(f"{i:>5}  {side.name:<12} {side.wall:>7.1f} {side.wall / args.trials:>8.2f} "
+                  f"{_mean([t.epochs for t in trials]):>15.2f} {_mean([t.fixed for t in trials]):>14.2f}")
+    ratio = statistics.median(s["covidsearch"].wall / s["plain"].wall for s in rounds)
+    fixed = statistics.median(_mean([t.fixed for t in s["covidsearch"].trials]) for s in rounds)
+    overhead = statistics.median((s["covidsearch"].wall - s["no-logging"].wall) / s["covidsearch"].wall * 100
+                                 for s in rounds)
+    same = all(_same_points(s["plain"], s["covidsearch"]) for s in rounds)
+    print(f"\nboth sides drew the same {args.trials} points: {'yes' if same else 'NO (the ratio compares other work)'}")
+    for i, sides in enumerate(rounds, 1):
+        trials = sides["covidsearch"].trials
+        print(f"round {i}: covidsearch ran its {len(trials)} trials in {sum(t.first for t in trials)} worker "
+              f"process(es); replaced: " + ("; ".join(f"after trial {k} {t.recycled}" for k, t in enumerate(trials)
+                                                     if t.recycled) or "none"))
+    print("\ncovidsearch's per-trial fixed cost by part, s (mean over trials and rounds; a worker process's first "
+          "trial apart from the others):")
+    _parts(rounds)
+    plain_fixed = statistics.median(_mean([t.fixed for t in s["plain"].trials]) for s in rounds)
+    print(f"\n(b)/(a) covidsearch / plain Keras Tuner, whole commands: {ratio:.2f}x "
+          f"(target <= {RATIO_TARGET}x: {'MET' if ratio <= RATIO_TARGET else 'NOT MET'})")
+    print(f"per-trial fixed cost, covidsearch: {fixed:.2f} s (target <= {FIXED_TARGET} s on CPU: "
+          f"{'MET' if fixed <= FIXED_TARGET else 'NOT MET'}); plain Keras Tuner: {plain_fixed:.2f} s")
+    print(f"tracking overhead (covidsearch - no-logging) / covidsearch: {overhead:+.1f}% (target <= "
+          f"{TRACKING_TARGET:.0f}%: {'MET' if overhead <= TRACKING_TARGET else 'NOT MET'})")
+
+
+def _same_points(plain: Side, ours: Side) -> bool:
+    """Whether both sides trained the same hyperparameter values, trial by trial (values compared as text)."""
+    def shown(values: dict[str, Any]) -> list[str]:
+        return [f"{k}={float(values[k]):.6g}" for k in sorted(values) if not k.startswith("tuner/")]
+
+    return [shown(t.values) for t in plain.trials] == [shown(t.values) for t in ours.trials]
+
+
+def _parts(rounds: list[dict[str, Side]]) -> None:
+    """Mean seconds of each part, for a worker's first trial and for the others, and the trials' epochs."""
+    trials = [t for s in rounds for t in s["covidsearch"].trials]
+    first, rest = [t for t in trials if t.first], [t for t in trials if not t.first]
+    names = sorted({k for t in trials for k in t.parts}, key=lambda k: -_mean([t.parts.get(k, 0) for t in trials]))
+    print(f"  {'part':<58} {'all':>6} {'first':>7} {'others':>7}")
+    print(f"  {'(trials)':<58} {len(trials):>6} {len(first):>7} {len(rest):>7}")
+    for name in names:
+        print(f"  {name:<58} " + " ".join(f"{_mean([t.parts.get(name, 0) for t in group]):>6.2f}"
+                                          for group in (trials, first, rest)))
+    print(f"  {'fixed cost (span - epochs)':<58} " + " ".join(f"{_mean([t.fixed for t in group]):>6.2f}"
+                                                              for group in (trials, first, rest)))
+    print(f"  {'epochs (train_seconds + val_seconds)':<58} " + " ".join(f"{_mean([t.epochs for t in group]):>6.2f}"
+                                                                        for group in (trials, first, rest)))
+
+
+def warm_cache(data_dir: Path, cache: Path) -> None:
+    """Every input size of the space decoded into the pixel cache, so no side's clock includes a decode."""
+    from covidsearch import data
+
+    dataset = data.scan(data_dir, cache_dir=cache, sizes=[(size, "rgb") for size in SIZES])
+    for size in SIZES:
+        data.arrays(dataset, size, "rgb", cache)
+
+
+def main() -> None:
+    """The three sides in turn, --rounds times, then one report, so they compare on the same machine and data."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, help="pixel cache to fill and share (default: a temporary one)")
+    p.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)  # the plain side's own process
+    p.add_argument("--project-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side == "plain":
+        return plain_search(args.data, args.cache_dir, args.trials, args.epochs, args.project_dir, args.out)
+    with tempfile.TemporaryDirectory(prefix="covidsearch-throughput-") as tmp:
+        args.cache_dir = args.cache_dir or Path(tmp) / "cache"
+        print(f"{os.cpu_count()} CPUs; " + ", ".join(f"{n} {version(n)}" for n in PACKAGES)
+              + f"; load average {os.getloadavg()[0]:.1f}")
+        print(f"data {args.data}; vanilla space, random search, seed {SEED}, {args.trials} trials of "
+              f"{args.epochs} epoch(s), no baseline; {args.rounds} round(s)")
+        started = time.perf_counter()
+        warm_cache(args.data, args.cache_dir)
+        print(f"pixel cache filled for {', '.join(map(str, SIZES))} px in {time.perf_counter() - started:.0f} s",
+              file=sys.stderr)
+        rounds = []
+        for i in range(args.rounds):
+            sides = {}
+            for name, run in (("plain", run_plain), ("covidsearch", run_covidsearch), ("no-logging", run_no_logging)):
+                work = Path(tmp) / f"round{i + 1}-{name}"
+                work.mkdir()
+                sides[name] = run(args, work)
+                print(f"round {i + 1} {name}: {sides[name].wall:.0f} s (load average {os.getloadavg()[0]:.1f})",
+                      file=sys.stderr)
+            rounds.append(sides)
+        report(rounds, args)
+
+
+if __name__ == "__main__":
+    main()
