@@ -5,7 +5,7 @@ Tuner's memory growth across trials (keras-team/keras-tuner #395, #873; TensorFl
 variables, tensorflow/tensorflow #61791, whose buffers a worker empties after each trial) then never builds up,
 and a trial pays for its training, not for a process start.
 
-The search side (`Pool`) and the worker side (`serve`, run as `python -m covidsearch.workers`) speak over one
+The search side (`Pool`) and the worker side (`serve`, started with BOOT) speak over one
 socket: the search sends a `Task`, the worker answers a `Reply`; a new standby is first sent a `Warm`.
 """
 from __future__ import annotations
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 TRIALS_PER_WORKER = 20  # trials a worker runs before it is replaced, whatever its memory
 MAX_GROWTH = 10.0  # percent: a worker whose memory after a trial is this much above that after its first is replaced
+
+
+# A worker imports the covidsearch the search process runs, wherever it is started from: `python -m` would put the
+# working directory first on sys.path, so a checkout (or a half-edited copy) there would train the trials instead.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+BOOT = "import sys; sys.path[0] = sys.argv[1]; from covidsearch.workers import main; main(sys.argv[2:])"
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Pool:
         """Start a worker in a session of its own: Ctrl-C at the terminal reaches only the search process,
         which decides what an interrupt ends (and kills the workers)."""
         ours, theirs = socket.socketpair()
-        command = [sys.executable, "-m", __name__, str(theirs.fileno()), str(self.device_share)]
+        command = [sys.executable, "-c", BOOT, str(PACKAGE_ROOT), str(theirs.fileno()), str(self.device_share)]
         process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         return _Worker(process, Connection(ours.detach()))
@@ -275,12 +281,6 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m covidsearch.workers FD DEVICE_SHARE`: serve trials on the inherited socket."""
+    """The worker side (BOOT): serve trials on the inherited socket FD."""
     fd, device_share = argv
     serve(Connection(int(fd)), float(device_share))
-
-
-if __name__ == "__main__":  # run as a program, the module's classes must still be covidsearch.workers' (pickling)
-    from covidsearch.workers import main as serve_main
-
-    serve_main(sys.argv[1:])

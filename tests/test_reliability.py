@@ -282,3 +282,19 @@ def test_a_worker_is_recycled_after_its_trials_or_once_its_memory_grew_past_the_
     assert workers.recycle_reason(3, 20, 1000.0, 1100.0, 10.0) is None  # at the bound, not past it
     assert workers.recycle_reason(3, 20, 1000.0, 1101.0, 10.0).startswith("memory 1101 MB, 10% above 1000 MB")
     assert workers.recycle_reason(3, 20, None, 5000.0, 10.0) is None  # no finished trial yet to compare with
+
+
+def test_trials_run_the_search_processs_covidsearch_whatever_the_working_directory_holds(xray_dir, workdir):
+    """A checkout of another version (or one being edited) where the command is run must not train the trials."""
+    (workdir / "covidsearch").mkdir()
+    (workdir / "covidsearch" / "__init__.py").write_text("raise ImportError('not the covidsearch that was run')\n")
+    command = Path(sys.executable).with_name("covidsearch")  # the installed command, as a user runs it
+    result = subprocess.run([str(command), "run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random",
+                             "--max-trials", "1", "--max-epochs", "1", "--test-per-class", "8"], cwd=workdir,
+                            capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    search = client.search_runs([client.get_experiment_by_name("covidsearch").experiment_id],
+                                f"tags.{tracking.KIND} = '{tracking.SEARCH}'")[0]
+    assert [r.info.status for r in tracking.trial_runs(client, search.info.run_id)] == ["FINISHED"]
