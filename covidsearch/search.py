@@ -301,12 +301,19 @@ def run(opts: Options) -> Result:
 
     if opts.oracle:
         distributed.check_listen(opts.oracle)
-    s = _prepare(opts)
-    directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
-    search_run_id, project_name, state, lock = _start_or_resume(s, opts, directory)
-    s.progress.say(f"search run {search_run_id} in {s.uri}")
     pools = [Pool(opts.trials_per_worker, 1.0 / opts.workers_per_gpu, opts.max_worker_growth)
              for _ in range(opts.workers_per_gpu)]
+    if not opts.oracle:  # a chief's trials run on its workers
+        for pool in pools:
+            pool.prepare()
+    try:
+        s = _prepare(opts)
+        directory = Path(opts.project_dir or tracking.STORE_DIR / "tuner")
+        search_run_id, project_name, state, lock = _start_or_resume(s, opts, directory)
+    except BaseException:  # bad input, or an interrupt during the scan: the workers started go too
+        _close(pools)
+        raise
+    s.progress.say(f"search run {search_run_id} in {s.uri}")
     tuner = _tuner(s, opts, search_run_id, pools, directory, project_name)
     tuner.save()
     left = tuner.oracle.budget_left()

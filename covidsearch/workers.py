@@ -121,6 +121,12 @@ class Pool:
         theirs.close()
         return _Worker(process, Connection(ours.detach()))
 
+    def prepare(self) -> None:
+        """Start the first worker now, so that it imports Keras while the search scans its data and opens its record,
+        not while the first trial waits."""
+        if self._current is None and self._standby is None:
+            self._standby = self._spawn()
+
     def run(self, task: Task) -> Reply:
         """Run one trial in the current worker; a worker that dies is a failed trial, not a failed search."""
         worker = self._current or self._take_standby(task.plan.tracking_uri)
@@ -156,8 +162,9 @@ class Pool:
     def close(self) -> None:
         """Stop every worker, the standby and one still training (after an interrupt) included."""
         self._retire()
-        if self._standby is not None:
-            _stop(self._standby)
+        if self._standby is not None:  # it holds no trial: it need not finish starting up first
+            self._standby.process.kill()
+            self._standby.process.wait()
             self._standby = None
 
 
