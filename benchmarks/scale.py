@@ -60,13 +60,15 @@ color_mode = "rgb"
 input_size = 299
 filters = 8
 dense_units = 16
-dropout = 0.5
 batch_size = 64
 learning_rate = 0.001
 val_fraction = 0.2
 test_per_class = 10
 patience = 5
 min_delta = 0.01
+
+[hyperparameters]  # two points, for the two trials of the pair step
+dropout = { type = "choice", values = [0.5, 0.4], default = 0.5 }
 """
 
 
