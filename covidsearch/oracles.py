@@ -66,10 +66,16 @@ class _Budgeted:
     budget_epochs = 1  # a trial's epochs when the oracle does not set them (random, Bayesian: max_epochs)
     stop_reason: str | None = None  # why the budget ended the search, for the console
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._spent, self._ticked = 0.0, None  # seconds spent; when last counted (None: not yet)
+        self._rates: dict[str, list[float]] = {}  # seconds per epoch of completed trials, by input size
+        self._started: dict[str, float] = {}  # when each trial in flight started
+
     def _budget_tick(self) -> float:
         """Seconds of the budget spent, counting up to now."""
         now = time.monotonic()
-        self._spent = getattr(self, "_spent", 0.0) + now - getattr(self, "_ticked", now)
+        self._spent += now - (self._ticked if self._ticked is not None else now)
         self._ticked = now
         return self._spent
 
@@ -83,25 +89,24 @@ class _Budgeted:
     def estimate(self, trial: kt.engine.trial.Trial) -> float | None:
         """The trial's seconds at the slowest rate per epoch of the completed trials of its input size (of any
         size when none has it yet): early stopping and smaller inputs only make trials shorter than that."""
-        rates = getattr(self, "_rates", {})
         size = str(trial.hyperparameters.values.get("input_size"))
-        known = rates.get(size) or [rate for same in rates.values() for rate in same]
+        known = self._rates.get(size) or [rate for same in self._rates.values() for rate in same]
         return max(known) * self._epochs(trial) if known else None
 
     @kt.synchronized
     def create_trial(self, tuner_id: str) -> kt.engine.trial.Trial:
         if self.budget is None or tuner_id in self.ongoing_trials:
             return super().create_trial(tuner_id)
-        left = self.budget_left()
-        trial = super().create_trial(tuner_id) if left > 0 else None
-        if trial is not None and trial.status != kt.engine.trial.TrialStatus.RUNNING:
-            return trial
-        need = None if trial is None else self.estimate(trial)
-        if trial is not None and (need is None or need <= left):
-            self._started = {**getattr(self, "_started", {}), trial.trial_id: time.monotonic()}
-            return trial
-        if trial is not None:  # handed back: a resume with more budget runs it first
-            del self.ongoing_trials[tuner_id]
+        left, need = self.budget_left(), None
+        if left > 0:
+            trial = super().create_trial(tuner_id)
+            if trial.status != kt.engine.trial.TrialStatus.RUNNING:
+                return trial
+            need = self.estimate(trial)
+            if need is None or need <= left:
+                self._started[trial.trial_id] = time.monotonic()
+                return trial
+            del self.ongoing_trials[tuner_id]  # handed back: a resume with more budget runs it first
             self._retry_queue.append(trial.trial_id)
             self.save()
         self.stop_reason = (f"budget: {clock(self._spent)} of {clock(self.budget)} spent"
@@ -111,18 +116,16 @@ class _Budgeted:
 
     @kt.synchronized
     def end_trial(self, trial: kt.engine.trial.Trial) -> None:
-        started = getattr(self, "_started", {}).pop(trial.trial_id, None)
+        started = self._started.pop(trial.trial_id, None)
         super().end_trial(trial)
         ended = self.trials[trial.trial_id]
         if started is not None and ended.status == kt.engine.trial.TrialStatus.COMPLETED:
             size = str(ended.hyperparameters.values.get("input_size"))
-            rates = getattr(self, "_rates", {})
-            rates.setdefault(size, []).append((time.monotonic() - started) / max(self._epochs(ended), 1))
-            self._rates = rates
+            self._rates.setdefault(size, []).append((time.monotonic() - started) / max(self._epochs(ended), 1))
             self.save()
 
     def get_state(self) -> dict[str, Any]:
-        return {**super().get_state(), "budget_spent": self._budget_tick(), "budget_rates": getattr(self, "_rates", {})}
+        return {**super().get_state(), "budget_spent": self._budget_tick(), "budget_rates": self._rates}
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
