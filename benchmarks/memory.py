@@ -2,13 +2,13 @@
 
 The same vanilla random search runs twice in this process, each into a private MLflow store:
   default     covidsearch's defaults: long-lived worker processes, each replaced after 20 trials or once
-              its memory after a trial is 10% above that after its first (--max-worker-growth)
+              its memory after a trial is 10% above that after its largest (--max-worker-growth)
   unbounded   one worker process for every trial, never replaced, as in plain Keras Tuner, where memory
               leaks from trial to trial (keras-team/keras-tuner #395, #873)
 Per trial it records, in MB:
   worker    VmHWM (peak RSS) of the worker that ran the trial, read from /proc while it lives;
             for a worker that ran earlier trials it is the peak so far, which is what a leak grows
-  mlflow    the trial's worker_peak_rss_mb metric (the worker's ru_maxrss), for comparison
+  mlflow    the trial's worker_peak_rss_mb metric (the worker's VmHWM after the trial), for comparison
   search    VmRSS of this (the search) process just after the trial ended
 and prints the growth from trial 2 to the last trial against the target of at most 10%.
 
@@ -142,7 +142,7 @@ def measure(root: Path, trials: int, epochs: int, workers: dict, store: Path, ca
         until = runs[i + 1].info.start_time / 1000 if i + 1 < len(runs) else float("inf")
         worker = max(mb for t, mb in samples.of(int(run.data.tags[tracking.WORKER_PID])) if t < until)
         after = next(mb for t, mb in samples.search if t >= run.info.end_time / 1000)
-        rows.append(Row(i + 1, worker, run.data.metrics["worker_peak_rss_mb"], after))
+        rows.append(Row(i + 1, worker, run.data.metrics[tracking.WORKER_PEAK], after))
     return rows, _status_mb(Path("/proc/self/status"), "VmHWM")
 
 

@@ -150,7 +150,7 @@ def step_epoch(root: Path, cache: Path, store: Path, workers: int) -> dict:
     params = tracking.client(uri).get_run(result.search_run_id).data.params
     images = int(params["train_images"]) + int(params["val_images"]) + int(params["test_images"])
     return {"seconds": wall, "trial_seconds": [r.data.metrics.get("trial_seconds") for r in runs],
-            "worker_peak_mb": [r.data.metrics.get("worker_peak_rss_mb") for r in runs],
+            "worker_peak_mb": [r.data.metrics.get(tracking.WORKER_PEAK) for r in runs],
             "statuses": [r.info.status for r in runs], "pixel_mb": images * SIZE * SIZE * 3 / 2**20,
             "search_peak_mb": _peak_mb(), "lowest_available_mb": lowest[0], "search_run": result.search_run_id,
             "trial_run": runs[0].info.run_id if runs else None, "uri": uri}

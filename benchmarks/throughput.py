@@ -9,14 +9,17 @@ each in fresh processes and each with its own tuner directory:
   covidsearch  `covidsearch run` into a private SQLite MLflow store: worker processes, every trial recorded in
              full (epochs, test metrics and intervals, model, figures).
   no-logging   the same command with the trials' own MLflow logging turned into no-ops (TrialRecord's epochs,
-             metrics, table, model and figures; a sitecustomize.py on PYTHONPATH does it in the search and in
-             every worker, for this benchmark only). The search's own run bookkeeping is kept.
+             metrics and table; the model and figures' data the worker saves and the search's recorder logs; a
+             sitecustomize.py on PYTHONPATH does it in the search and in every worker, for this benchmark only).
+             The search's own run bookkeeping is kept.
 Every side reads the same pixel cache, filled for every input size before the clock starts (a warm cache).
 
 It prints, per side, the wall time of the whole command and per trial; the ratio covidsearch / plain against
 the target of at most 1.25x; the per-trial fixed cost (a trial's share of the search's wall time, from the end
 of the previous trial to the end of this one, minus its epochs: train_seconds + val_seconds) against 1.5 s on
-CPU, with covidsearch's parts from the trials' setup_seconds_* metrics; and the tracking overhead,
+CPU, with covidsearch's parts from the trials' setup_seconds_* metrics (and the seconds the search's recorder
+spent logging each trial's model and figures while the next one trained, which are not part of it); and the
+tracking overhead,
 (covidsearch - no-logging) / covidsearch, against 2%. Figures are printed, never asserted:
 
     .venv/bin/python benchmarks/throughput.py [--data DIR] [--trials 20] [--epochs 2] [--rounds 1]
@@ -48,13 +51,16 @@ HYPERPARAMETERS = ("input_size", "filters", "dense_units", "dropout", "batch_siz
 SEED, TEST_PER_CLASS, VAL_FRACTION = 28, 40, 0.2  # covidsearch's defaults, so both sides train on the same split
 RATIO_TARGET, FIXED_TARGET, TRACKING_TARGET = 1.25, 1.5, 2.0
 PACKAGES = ("keras", "tensorflow", "keras-tuner", "mlflow")
+REST = "rest (pipe, clear_session, oracle, search-side calls)"  # the fixed cost its parts do not name
+RECORDER = "model, figures logged by the search (off the path)"  # recorder.py: not in the fixed cost
 NO_LOGGING = '''
 """Written by benchmarks/throughput.py for its no-logging side: a trial's own MLflow logging does nothing."""
-from covidsearch import tracking
+from covidsearch import recorder, tracking
 
-for _name in ("log_epoch", "log_metrics", "log_tags", "log_table", "log_figures"):
+for _name in ("log_epoch", "log_metrics", "log_tags", "log_table"):
     setattr(tracking.TrialRecord, _name, lambda self, *args, **kwargs: None)
-tracking.TrialRecord.log_model = lambda self, *args, **kwargs: "models:/not-logged"
+recorder.write = lambda *args, **kwargs: None  # the worker saves no model or figures' data
+recorder.log_pending = lambda *args, **kwargs: None  # the search logs none
 '''
 
 
@@ -215,12 +221,13 @@ def _recorded_trials(uri: str) -> list[Trial]:
         start, end = run.info.start_time / 1000, run.info.end_time / 1000
         epochs = sum(m.value for key in ("train_seconds", "val_seconds")
                      for m in client.get_metric_history(run.info.run_id, key))
+        span = end - (previous if previous is not None else start)
         parts = {k[len(tracking.SETUP):]: v for k, v in run.data.metrics.items() if k.startswith(tracking.SETUP)}
-        parts["rest of the run (pipe, clear_session, search-side calls)"] = end - start - epochs - sum(parts.values())
-        parts["between runs (oracle, best trial, next run)"] = start - previous if previous is not None else 0.0
+        parts[REST] = span - epochs - sum(parts.values())
+        parts[RECORDER] = run.data.metrics.get(tracking.RECORD_SECONDS, 0.0)
         values = {k: v for k, v in run.data.params.items() if k in HYPERPARAMETERS}
         tags = run.data.tags
-        trials.append(Trial(values, end - (previous if previous is not None else start), epochs, parts,
+        trials.append(Trial(values, span, epochs, parts,
                             tags.get(tracking.WORKER_TRIAL) == "1", tags.get(tracking.WORKER_RECYCLED)))
         previous = end
     return trials

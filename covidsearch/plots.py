@@ -1,12 +1,13 @@
 """Figures as PNG: one trial's confusion matrix, ROC, training curves and Grad-CAM; a search's
 hyperparameters against its objective (parallel coordinates).
 
-Figures are drawn on matplotlib's object API (no pyplot, no global state, no display), so a
-trial's worker process draws them in well under a second. Grad-CAM uses keras.ops plus one
+Figures are drawn on matplotlib's object API (no pyplot, no global state, no display), so any
+thread can draw them: a trial's are drawn by the search process while the next trial trains. Grad-CAM uses keras.ops plus one
 small gradient helper per backend, so it works the same on TensorFlow and JAX.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,17 +26,34 @@ RIGHT, WRONG = "#1a7f37", "#cf222e"
 NOT_SET = -0.1  # parallel-coordinates position of a hyperparameter a trial does not have
 
 
-def write_trial_figures(out: Path, model: keras.Model, x_test: np.ndarray, y_test: np.ndarray,
-                        test_probs: np.ndarray, classes: list[str], train_history: dict[str, list[float]],
-                        val_epochs: list[dict[str, float]], first_epoch: int = 0) -> list[Path]:
-    """The four trial figures as PNG files in `out` (callable without MLflow)."""
+@dataclass
+class Cams:
+    """Grad-CAM of a fixed test sample (gradcam_sample): its images, heatmaps, labels and probabilities. The worker
+    computes them while it has the model; the figure is drawn from them later, anywhere (recorder.py)."""
+
+    images: np.ndarray
+    heatmaps: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+
+
+def cams(model: keras.Model, x_test: Any, y_test: np.ndarray, test_probs: np.ndarray) -> Cams:
+    """The Grad-CAM heatmaps of the test sample, the one part of the trial figures that needs the model."""
     sample = gradcam_sample(y_test, test_probs)
-    heatmaps = gradcam(model, x_test[sample], test_probs[sample].argmax(1))
+    images = np.asarray(x_test[sample])
+    return Cams(images, gradcam(model, images, test_probs[sample].argmax(1)), np.asarray(y_test)[sample],
+                np.asarray(test_probs)[sample])
+
+
+def write_trial_figures(out: Path, y_test: np.ndarray, test_probs: np.ndarray, classes: list[str],
+                        train_history: dict[str, list[float]], val_epochs: list[dict[str, float]], first_epoch: int,
+                        cam: Cams) -> list[Path]:
+    """The four trial figures as PNG files in `out` (callable without MLflow or the model)."""
     figures = {
         "curves": curves_figure(train_history, val_epochs, first_epoch),
         "confusion": confusion_figure(y_test, test_probs, classes),
         "roc": roc_figure(y_test, test_probs, classes),
-        "gradcam": gradcam_figure(x_test[sample], heatmaps, y_test[sample], test_probs[sample], classes),
+        "gradcam": gradcam_figure(cam.images, cam.heatmaps, cam.labels, cam.probs, classes),
     }
     return [save(fig, out / FIGURE_FILES[key]) for key, fig in figures.items()]
 

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import keras
 
-from . import SearchError, data, metrics, models, operating, projects, spaces, tracking, trial
+from . import SearchError, data, metrics, models, operating, projects, recorder, spaces, tracking, trial
 from .metrics import maximise
 from .oracles import TUNERS, make_oracle
 from .progress import Progress, clock
@@ -51,7 +51,7 @@ class Options:
     resume: str = "auto"  # auto: continue an unfinished identical search; never; required
     max_consecutive_failed_trials: int = 3
     trials_per_worker: int = TRIALS_PER_WORKER  # a worker process is replaced after this many trials
-    max_worker_growth: float = MAX_GROWTH  # percent; or once its memory grows so much past its first trial's
+    max_worker_growth: float = MAX_GROWTH  # percent; or once its memory grows so much past its largest trial's
     workers_per_gpu: int = 1  # trials run at once in this process's search, sharing the device
     progress: str = "plain"  # tty, plain or off (see progress.mode_for)
     oracle: str | None = None  # HOST:PORT: `run` serves the oracle there (the chief), `work` asks it for trials
@@ -227,7 +227,7 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, pools: list[Pool], dire
                          opts.baseline, opts.max_consecutive_failed_trials, s.budget)
     oracle.keep_workers_trials = bool(opts.oracle)  # read when the tuner reloads a resumed chief's oracle
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, search_run_id, pools, str(directory), project_name,
-                  s.progress)
+                  s.progress, recorder.Recorder(s.client, search_run_id, s.settings["objective"], s.progress))
     tuner.oracle.max_trials = max_trials
     return tuner
 
@@ -274,6 +274,7 @@ def _start_or_resume(s: _Setup, opts: Options, directory: Path) -> tuple[str, st
         search_run_id = state["search_run_id"]
         tracking.get_run(s.client, search_run_id)
         if not opts.oracle:  # a chief's trials may still be training on their workers; a restarted one closes its own
+            recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress)
             for run_id in tracking.close_orphans(s.client, search_run_id):
                 s.progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs "
                                   "again")
@@ -324,6 +325,7 @@ def run(opts: Options) -> Result:
         _search(tuner, opts, s.progress)
     except KeyboardInterrupt:
         _close(pools)
+        tuner.recorder.close()
         if opts.oracle:  # the workers' trials go on: their runs stay RUNNING
             tracking.end_run(s.client, search_run_id, "KILLED", "interrupted by the user")
             raise SearchInterrupted(_resume_command(" --resume"),
@@ -339,6 +341,7 @@ def run(opts: Options) -> Result:
                           f"last error: {str(err).splitlines()[-1]}") from None
     finally:
         _close(pools)
+        tuner.recorder.close()
         lock.close()
     if tuner.oracle.stop_reason:
         s.progress.notice(f"{tuner.oracle.stop_reason}: the search ends here")
@@ -385,6 +388,7 @@ def work(opts: Options) -> WorkerResult:
     if lock is None:
         raise SearchError(f"worker {worker_id} is already running here: give this one another --worker-id")
     distributed.check_not_running(s.client, search_run_id, worker_id)
+    recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress)
     for run_id in tracking.close_orphans(s.client, search_run_id, worker_id=worker_id):
         s.progress.notice(f"trial run {run_id} was in flight when worker {worker_id} stopped: marked KILLED, "
                           "it runs again")
@@ -395,12 +399,14 @@ def work(opts: Options) -> WorkerResult:
         tuner.search(verbose=0)
     except KeyboardInterrupt:
         _close(pools)
+        tuner.recorder.close()
         tracking.close_orphans(s.client, search_run_id, worker_id=worker_id)
         raise SearchInterrupted(_resume_command("" if opts.worker_id else f" --worker-id {worker_id}")) from None
     except distributed.RpcError as err:
         raise SearchError(f"the chief at {opts.oracle} failed or went away: {err.details()}") from None
     finally:
         _close(pools)
+        tuner.recorder.close()
         lock.close()
     runs = tracking.trial_runs(s.client, search_run_id, worker_id=worker_id)
     return WorkerResult(search_run_id, worker_id, sum(r.info.status == "FINISHED" for r in runs))

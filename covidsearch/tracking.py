@@ -75,6 +75,7 @@ MODEL_AT_OP = "model_at_op"  # a trial's model logged again by `promote --target
 KERAS_ARTIFACT, KERAS_FILE = "keras_model", "model.keras"  # the trial's Keras model inside it: artifact key, file
 KERAS_PATH = f"artifacts/{KERAS_FILE}"  # where MLflow keeps that file in the logged model (load_keras)
 FIGURES = "figures"  # folder of a trial's PNG figures
+PENDING = "pending-record"  # folder in a trial's directory: its model and figures until the search logs them
 FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "roc": "roc.png", "gradcam": "gradcam.png"}
 CONFUSION = "confusion_matrix.json"
 REPORT = "report/report.html"
@@ -84,13 +85,16 @@ BEST = "best_"  # prefix: a trial's best epoch's validation metrics, and the sea
 TEST = "test_"  # prefix of the held-out test metrics
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # suffixes of a metric's bootstrap 95% interval (metrics.interval_metrics)
 EPOCHS_TRAINED = "epochs_trained"
+RECORD_SECONDS = "record_seconds"  # logging a trial's model and figures, in the search process, off the trial's path
+FIGURES_SECONDS = "figures_seconds"  # drawing its figures, part of that
 SETUP = "setup_seconds_"  # prefix: a trial's fixed cost by part, the seconds it spent outside its epochs, in:
 PART_WORKER_START = "worker_start"  # the start-up of its worker process that it waited for
 PART_DATA, PART_BUILD = "data", "build"  # its pixels from the cache; its model built and compiled
 PART_FIT = "fit"  # model.fit outside the epochs' own seconds (train_seconds + val_seconds)
-PART_TEST, PART_FIGURES = "test", "figures"  # scoring the test split; drawing the figures
-PART_MODEL, PART_MLFLOW = "model", "mlflow"  # saving and logging the model; every other call to the store
+PART_TEST, PART_FIGURES = "test", "figures"  # scoring the test split; the Grad-CAM heatmaps of the figures
+PART_MODEL, PART_MLFLOW = "model", "mlflow"  # saving the model and the figures' data for the recorder; the store
 WORKER_RSS = "worker_rss_mb"  # the worker's resident memory after the trial, Keras state cleared
+WORKER_PEAK = "worker_peak_rss_mb"  # the worker's peak memory (VmHWM) up to the end of the trial
 COVID_THRESHOLD = "covid_threshold"  # COVID-19 is called from this probability on (also the models' metadata key)
 AT_OP = "_at_op"  # suffix of the metrics at that threshold (metrics.at_threshold): test_sensitivity_covid_19_at_op
 
@@ -341,12 +345,14 @@ def finish_trial(found: MlflowClient, run_id: str) -> None:
     found.set_terminated(run_id, "FINISHED")
 
 
-def record_worker(found: MlflowClient, run_id: str, pid: int, nth: int, rss_mb: float | None, waited: float,
-                  recycled: str | None) -> None:
-    """Which worker process trained the trial and which of its trials it was, its memory after it, the start-up the
-    trial waited for, and why the worker was replaced after it: recycling, visible trial by trial."""
-    tags = {WORKER_PID: str(pid), WORKER_TRIAL: str(nth), **({WORKER_RECYCLED: recycled} if recycled else {})}
-    found.log_batch(run_id, metrics=metrics({WORKER_RSS: rss_mb, f"{SETUP}{PART_WORKER_START}": waited}),
+def record_worker(found: MlflowClient, run_id: str, reply: Any) -> None:
+    """Which worker process trained the trial (a workers.Reply) and which of its trials it was, its memory after it
+    and its peak, the start-up the trial waited for, and why the worker was replaced after it: recycling, visible
+    trial by trial."""
+    tags = {WORKER_PID: str(reply.pid), WORKER_TRIAL: str(reply.nth),
+            **({WORKER_RECYCLED: reply.recycled} if reply.recycled else {})}
+    found.log_batch(run_id, metrics=metrics({WORKER_RSS: reply.rss_mb, WORKER_PEAK: reply.peak_mb,
+                                             f"{SETUP}{PART_WORKER_START}": reply.waited}),
                     tags=[RunTag(k, v) for k, v in tags.items()])
 
 
@@ -429,13 +435,18 @@ def _children(parent_id: str, worker_id: str | None) -> str:
     return f"tags.{PARENT} = '{parent_id}'{worker}"
 
 
-def trial_model(found: MlflowClient, parent_id: str, trial_id: str) -> str | None:
-    """The logged model of a search's FINISHED trial, wherever it ran (a Hyperband round continues from it)."""
-    runs = _search(found, parent_id, f"{_children(parent_id, None)} and attributes.status = 'FINISHED' "
-                                     f"and tags.{TRIAL_ID} = '{trial_id}'")
-    if not runs:
-        return None
-    return logged_model(found, runs[0])
+def trial_model(found: MlflowClient, parent_id: str, trial_id: str, wait: float = 120) -> str | None:
+    """The logged model of a search's FINISHED trial, wherever it ran (a Hyperband round continues from it). A run
+    still RUNNING is waited for up to `wait` seconds: its search logs the model after the trial's result."""
+    deadline = time.monotonic() + wait
+    while True:
+        runs = _search(found, parent_id, f"{_children(parent_id, None)} and tags.{TRIAL_ID} = '{trial_id}'")
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished:
+            return logged_model(found, finished[0])
+        if all(r.info.status != "RUNNING" for r in runs) or time.monotonic() > deadline:
+            return None
+        time.sleep(1)
 
 
 def logged_model(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
@@ -515,7 +526,8 @@ def baseline_lead(rows: list[dict[str, Any]]) -> str | None:
 
 
 class TrialRecord:
-    """What a trial's worker process writes to its run: epochs, test metrics, the model, figures. The run stays
+    """What a trial's worker process writes to its run: epochs and test metrics (its model and figures follow from
+    the search process, recorder.py). The run stays
     RUNNING (the search ends it once it has the result); an error fails it with the traceback. It also keeps the
     clock of the trial's fixed cost: its own calls time themselves, `lap` charges the time between to a part."""
 
@@ -523,10 +535,7 @@ class TrialRecord:
         self.parts: dict[str, float] = {}  # seconds by part of the trial (SETUP names)
         self._lapped, self._charged = time.perf_counter(), 0.0  # the last lap; seconds since charged by calls
         with self._timed(PART_MLFLOW):
-            mlflow.set_tracking_uri(tracking_uri)
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
-            # MLflow files a logged model under the process's current experiment, whatever run it names
-            mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
@@ -566,26 +575,38 @@ class TrialRecord:
         with self._timed(PART_MLFLOW):
             self.client.log_table(self.run_id, table, name)
 
-    def log_figures(self, folder: Path) -> None:
-        with self._timed(PART_MLFLOW):
-            self.client.log_artifacts(self.run_id, str(folder), FIGURES)
-
     def log_model(self, model: Any, served: Any, requirements: list[str], name: str = MODEL) -> str:
-        """The model as an MLflow 3 logged model of this run: `served` (a serving.Classifier, the pyfunc any MLflow
-        client can send image files) with the Keras model's .keras file inside for load_keras, and the package code
-        it runs; returns its models:/ URI."""
-        from mlflow.models import Model
-
-        with self._timed(PART_MODEL), tempfile.TemporaryDirectory() as tmp, _quiet_model_saving():
+        """The Keras model logged as log_model logs its file; returns its models:/ URI."""
+        with self._timed(PART_MODEL), tempfile.TemporaryDirectory() as tmp:
             keras_file = Path(tmp) / KERAS_FILE
             model.save(keras_file)
-            return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=served,
-                             run_id=self.run_id, artifacts={KERAS_ARTIFACT: str(keras_file)},
-                             code_paths=[str(Path(__file__).parent)], signature=served.signature(),
-                             metadata=served.metadata, pip_requirements=requirements).model_uri
+            return log_model(self.client, self.run_id, keras_file, served, requirements, name)
 
     def fail(self, error: str, traceback_text: str) -> None:
         end_run(self.client, self.run_id, "FAILED", error, traceback_text)
+
+
+def open_store(tracking_uri: str) -> None:
+    """What a worker process pays on its first call to the store, paid while it is on standby: MLflow's engine and
+    schema check."""
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
+def log_model(found: MlflowClient, run_id: str, keras_file: Path, served: Any, requirements: list[str],
+              name: str = MODEL) -> str:
+    """A .keras file as an MLflow 3 logged model of the run: `served` (a serving.Classifier, the pyfunc any MLflow
+    client can send image files) with the file inside for load_keras, and the package code it runs; returns its
+    models:/ URI."""
+    from mlflow.models import Model
+
+    # MLflow files a logged model under the process's current experiment, whatever run it names
+    mlflow.set_tracking_uri(found.tracking_uri)
+    mlflow.set_experiment(experiment_id=found.get_run(run_id).info.experiment_id)
+    with _quiet_model_saving():
+        return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, python_model=served, run_id=run_id,
+                         artifacts={KERAS_ARTIFACT: str(keras_file)}, code_paths=[str(Path(__file__).parent)],
+                         signature=served.signature(), metadata=served.metadata,
+                         pip_requirements=requirements).model_uri
 
 
 @contextlib.contextmanager
@@ -596,20 +617,6 @@ def _quiet_model_saving() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*An input example was not provided")
         yield
-
-
-def rehearse(tracking_uri: str, model: Any, served: Any, requirements: list[str], folder: Path) -> None:
-    """What a worker process pays on its first trial only, paid while it is on standby: the store opened (MLflow's
-    engine and schema check), and a model saved as TrialRecord.log_model packages it, into `folder` and no run
-    (MLflow's imports and its scan of the installed packages)."""
-    import mlflow.pyfunc
-
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
-    with _quiet_model_saving():
-        keras_file = folder / KERAS_FILE
-        model.save(keras_file)
-        mlflow.pyfunc.save_model(str(folder / MODEL), python_model=served, artifacts={KERAS_ARTIFACT: str(keras_file)},
-                                 signature=served.signature(), metadata=served.metadata, pip_requirements=requirements)
 
 
 # ---------------------------------------------------------------- evaluations and reports

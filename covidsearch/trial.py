@@ -6,7 +6,6 @@ leaked framework memory ends with that process and never reaches the search.
 from __future__ import annotations
 
 import math
-import resource
 import tempfile
 import time
 import traceback
@@ -18,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from . import data, metrics, models, operating, plots, progress, serving, tracking
+from . import data, metrics, models, operating, plots, progress, recorder, serving, tracking
 
 
 @dataclass
@@ -68,22 +67,25 @@ def run(spec: Spec, plan: Plan) -> dict[str, float]:
 
 def rehearse(tracking_uri: str) -> None:
     """Pay on standby what a worker process pays on its first trial only (the store opened, a tiny model fitted,
-    saved as MLflow logs it and drawn with Grad-CAM), so that the trial it takes over pays for that trial alone."""
+    scored, drawn with Grad-CAM and saved for the recorder), so that the trial it takes over pays for that trial
+    alone."""
     classes, labels = list(data.DEFAULT_CLASSES), np.arange(len(data.DEFAULT_CLASSES))
     model = models.build({"model": "convnet", "input_size": 32, "filters": 1, "dense_units": 1, "dropout": 0.0,
                           "learning_rate": 1e-3}, len(classes))
     images, probs = np.zeros((len(classes), 32, 32, 3), dtype=np.uint8), np.eye(len(classes))
     model.fit(images, probs, verbose=0)
     model.predict(images, verbose=0)
+    tracking.open_store(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        tracking.rehearse(tracking_uri, model, serving.Classifier.of(model, classes), serving.requirements(), Path(tmp))
-        plots.write_trial_figures(Path(tmp), model, images, labels, probs, classes, {"loss": [1.0], "accuracy": [0.5]},
-                                  [{"val_loss": 1.0, "val_accuracy": 0.5}])
+        recorder.write(Path(tmp) / tracking.PENDING, "", model, serving.Classifier.of(model, classes),
+                       plots.cams(model, images, labels, probs), labels, probs, {"loss": [1.0]},
+                       [{"val_loss": 1.0}], 0)
     keras.backend.clear_session()
 
 
 def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) -> dict[str, float]:
-    """Fit as the tutorial does, keep the best checkpoint, score it on the test split, log model and figures."""
+    """Fit as the tutorial does, keep the best checkpoint, score it on the test split, and leave the model and the
+    figures' data for the search's recorder."""
     started = time.perf_counter()
     keras.utils.set_random_seed(plan.seed + int(spec.trial_id))
     _set_precision(plan.precision)
@@ -113,19 +115,15 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
                                                 tracking.TEST))
     served = _served(record, spec, plan, model, x_val, y_val, y_test, test_probs)
     record.log_table(metrics.confusion_table(y_test, test_probs, classes))
-    record.log_model(model, served, serving.requirements())
     record.lap(tracking.PART_TEST)
-    figures_started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        plots.write_trial_figures(Path(tmp), model, x_test, y_test, test_probs, classes, history,
-                                  validation.epochs, spec.initial_epoch)
-        record.log_figures(Path(tmp))
+    cams = plots.cams(model, x_test, y_test, test_probs)
     record.lap(tracking.PART_FIGURES)
     record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
-                        "figures_seconds": time.perf_counter() - figures_started,
-                        "trial_seconds": time.perf_counter() - started, "worker_peak_rss_mb": _peak_rss_mb(),
+                        "trial_seconds": time.perf_counter() - started,
                         **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
                         **{f"{tracking.BEST}{k}": v for k, v in best.items()}})
+    recorder.write(Path(spec.trial_dir) / tracking.PENDING, spec.run_id, model, served, cams, y_test, test_probs,
+                   history, validation.epochs, spec.initial_epoch)
     return best
 
 
@@ -248,16 +246,6 @@ def _served(record: tracking.TrialRecord, spec: Spec, plan: Plan, model: Any, x_
     if point.threshold is None:
         progress.trial_notice(spec.progress, spec.label, point.line())
     return serving.Classifier.of(model, classes, point.threshold, point.target)
-
-
-def _peak_rss_mb() -> float:
-    """This worker's own peak memory (ru_maxrss of a spawned child starts at its parent's peak)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class ValidationMetrics(keras.callbacks.Callback):

@@ -17,6 +17,7 @@ from keras_tuner.src.engine import base_tuner
 from . import spaces, tracking, trial
 from .metrics import maximise
 from .progress import Progress
+from .recorder import Recorder
 from .workers import Pool, Task
 
 
@@ -24,10 +25,11 @@ class Tuner(base_tuner.BaseTuner):
     """Keras Tuner's trial loop; each trial becomes a worker-process run and an MLflow child run."""
 
     def __init__(self, oracle: kt.Oracle, space: spaces.Space, plan: trial.Plan, max_epochs: int, client: Any,
-                 search_run_id: str, pools: list[Pool], directory: str, project_name: str, progress: Progress):
+                 search_run_id: str, pools: list[Pool], directory: str, project_name: str, progress: Progress,
+                 recorder: Recorder):
         super().__init__(oracle, hypermodel=None, directory=directory, project_name=project_name)
         self.space, self.plan, self.max_epochs = space, plan, max_epochs
-        self.client, self.search_run_id, self.progress = client, search_run_id, progress
+        self.client, self.search_run_id, self.progress, self.recorder = client, search_run_id, progress, recorder
         self._free: queue.Queue[Pool] = queue.Queue()  # one per trial that may run at once
         for pool in pools:
             self._free.put(pool)
@@ -87,7 +89,8 @@ class Tuner(base_tuner.BaseTuner):
             raise failures[0]
 
     def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Record the trial's run, have a worker train it, end the run: the one thing this tuner adds."""
+        """Record the trial's run and have a worker train it; the recorder logs its model and figures and ends the run
+        while the next trial trains. The one thing this tuner adds."""
         values = dict(kt_trial.hyperparameters.values)
         index = int(kt_trial.trial_id) + 1
         objective = self.oracle.objective.name
@@ -106,14 +109,12 @@ class Tuner(base_tuner.BaseTuner):
             raise
         finally:
             self._free.put(pool)
-        tracking.record_worker(self.client, spec.run_id, reply.pid, reply.nth, reply.rss_mb, reply.waited,
-                               reply.recycled)
+        tracking.record_worker(self.client, spec.run_id, reply)
         if reply.error is not None:
             tracking.fail_trial(self.client, spec.run_id, reply.error)
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {reply.error}", maximise(objective))
             raise kt.errors.FailedTrialError(reply.error)
-        tracking.finish_trial(self.client, spec.run_id)
-        tracking.record_best(self.client, self.search_run_id, objective)
+        self.recorder.submit(spec.run_id, Path(spec.trial_dir) / tracking.PENDING)
         result = reply.metrics
         text = (f"{objective} {result[objective]:.4f}{' (baseline)' if self._is_baseline(values) else ''} in "
                 f"{time.perf_counter() - started:.0f} s: " + _shown(values))

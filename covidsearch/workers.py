@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .trial import Plan, Spec
 
 TRIALS_PER_WORKER = 20  # trials a worker runs before it is replaced, whatever its memory
-MAX_GROWTH = 10.0  # percent: a worker whose memory after a trial is this much above that after its first is replaced
+MAX_GROWTH = 10.0  # percent: a worker whose memory after a trial grew this much past its baseline is replaced
 
 
 # A worker imports the covidsearch the search process runs, wherever it is started from: `python -m` would put the
@@ -66,29 +66,45 @@ class Reply:
     pid: int = 0  # the worker process
     nth: int = 0  # the worker's n-th trial (1: its first)
     rss_mb: float | None = None  # the worker's resident memory after the trial, Keras state cleared
+    peak_mb: float | None = None  # the worker's peak memory so far (VmHWM): a new peak is a trial bigger than before
     waited: float = 0.0  # seconds the task waited for the worker to be ready: start-up the standby did not hide
     recycled: str | None = None  # why the pool replaced the worker after this trial
 
 
 @dataclass
 class _Worker:
-    """A worker process as the pool sees it: its pipe, the trials it ran, its memory after its first good one."""
+    """A worker process as the pool sees it: its pipe, the trials it ran, and its memory baseline (`baseline`)."""
 
     process: subprocess.Popen
     conn: Connection
     trials: int = 0
-    first_rss: float | None = None
+    base_rss: float | None = None
+    base_peak: float | None = None
+
+    def rebase(self, rss: float | None, peak: float | None, max_growth: float) -> None:
+        self.base_rss, self.base_peak = baseline(self.base_rss, self.base_peak, rss, peak, max_growth)
 
 
-def recycle_reason(trials: int, trials_per_worker: int, first_rss: float | None, rss: float | None,
+def baseline(base_rss: float | None, base_peak: float | None, rss: float | None, peak: float | None,
+             max_growth: float) -> tuple[float | None, float | None]:
+    """A worker's memory baseline after a good trial: that trial's memory and peak if it is the first, or if its
+    peak passed the baseline's by more than the bound (what a bigger trial leaves behind, pages the allocator
+    keeps, is the size of the trial, not a leak); else the baseline stays. A leak raises the peak too, but by as
+    many MB as the memory after the trial, which is the smaller figure: a leak passes the bound there first."""
+    if base_rss is None or (peak is not None and base_peak is not None and peak > base_peak * (1 + max_growth / 100)):
+        return rss, peak
+    return base_rss, base_peak
+
+
+def recycle_reason(trials: int, trials_per_worker: int, base_rss: float | None, rss: float | None,
                    max_growth: float) -> str | None:
     """Why a worker that has run `trials` trials must be replaced now (None: it may run another): the leak of
     each trial is paid back by a process start only when it has added up."""
     if trials >= trials_per_worker:
         return f"after {trials} trial{'s' if trials > 1 else ''}"
-    if first_rss and rss is not None and rss > first_rss * (1 + max_growth / 100):
-        return (f"memory {rss:.0f} MB, {(rss / first_rss - 1) * 100:.0f}% above {first_rss:.0f} MB after its first "
-                f"trial (bound {max_growth:g}%)")
+    if base_rss and rss is not None and rss > base_rss * (1 + max_growth / 100):
+        return (f"memory {rss:.0f} MB, {(rss / base_rss - 1) * 100:.0f}% above the {base_rss:.0f} MB it held after "
+                f"its largest trial (bound {max_growth:g}%)")
     return None
 
 
@@ -139,9 +155,9 @@ class Pool:
             self._retire()
             return Reply(error=f"the worker process died (exit code {code}: killed, or out of memory)",
                          pid=worker.process.pid, nth=worker.trials)
-        if worker.first_rss is None and reply.error is None:  # a trial that failed early says nothing of memory
-            worker.first_rss = reply.rss_mb
-        reply.recycled = recycle_reason(worker.trials, self.trials_per_worker, worker.first_rss, reply.rss_mb,
+        if reply.error is None:  # a trial that failed early says nothing of memory
+            worker.rebase(reply.rss_mb, reply.peak_mb, self.max_growth)
+        reply.recycled = recycle_reason(worker.trials, self.trials_per_worker, worker.base_rss, reply.rss_mb,
                                         self.max_growth)
         if reply.recycled:
             self._retire()
@@ -214,7 +230,8 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
         waited, served = max(0.0, time.time() - task.sent), served + 1
         reply = _answer(trial, task)
         keras.backend.clear_session()  # and a garbage collection: the trial's model is freed before memory is read
-        conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_resident_mb(), waited=waited))
+        conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_status_mb("VmRSS"), peak_mb=_status_mb("VmHWM"),
+                          waited=waited))
 
 
 def _answer(trial: Any, task: Task) -> Reply:
@@ -269,12 +286,13 @@ def _exit() -> NoReturn:
     os._exit(0)
 
 
-def _resident_mb() -> float | None:
-    """This process's resident memory now (VmRSS), what a leak grows; None where /proc does not say."""
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc (VmRSS: resident now, what a leak grows; VmHWM: its peak); None
+    where /proc does not say."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return None
 

@@ -77,7 +77,8 @@ def test_trial_figures_are_pngs_that_show_something(convnet, tmp_path):
     probs = model.predict(x, verbose=0)
     val_epochs = [{"val_loss": loss, "val_accuracy": acc}
                   for loss, acc in zip(history["val_loss"], history["val_accuracy"])]
-    paths = plots.write_trial_figures(tmp_path, model, x, y, probs, CLASSES, history, val_epochs)
+    cams = plots.cams(model, x, y, probs)
+    paths = plots.write_trial_figures(tmp_path, y, probs, CLASSES, history, val_epochs, 0, cams)
     assert sorted(p.name for p in paths) == ["confusion_matrix.png", "curves.png", "gradcam.png", "roc.png"]
     for path in paths:
         assert_picture(path)

@@ -229,6 +229,48 @@ def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, wo
     assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # a resume would not
 
 
+def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_resume(xray_dir, workdir):
+    """The worker answers once its model and figures' data are on disk; the search logs them while the next trial
+    trains. Killed in between, the search left the record in the trial's folder: resuming logs it first and ends
+    the run FINISHED, so the trial counts as run; a record half-written when the worker died is dropped."""
+    from covidsearch import data, recorder, spaces
+    from covidsearch.progress import Progress
+
+    client, experiment_id = tracking.connect()
+    dataset = data.scan(xray_dir)
+    parts = data.split(dataset, seed=28, test_per_class=8)
+    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(workdir / "cache"),
+                      client.tracking_uri, "val_loss", 28)
+    space = spaces.load("vanilla").pin(["input_size=32"])
+    config = space.config(space.defaults())
+    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+    run_id = tracking.start_trial(client, search_id, "0", "tuner0", True, config)
+    project = workdir / "tuner" / "project"
+    (project / "trial_0").mkdir(parents=True)  # as Keras Tuner makes it
+    pool = workers.Pool()
+    try:
+        reply = pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(project / "trial_0")), plan))
+    finally:
+        pool.close()
+    assert reply.error is None
+    assert (project / "trial_0" / tracking.PENDING / tracking.KERAS_FILE).exists()
+    assert tracking.logged_model(client, client.get_run(run_id)) is None  # the search was killed before logging it
+    half = project / "trial_1" / f"{tracking.PENDING}.partial"
+    half.mkdir(parents=True)
+
+    recovered = recorder.recover(client, project, search_id, "val_loss", Progress("off", None, "val_loss"))
+
+    assert recovered == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert tracking.load_keras(f"models:/{tracking.logged_model(client, run)}").count_params() > 0
+    figures = {Path(a.path).name for a in client.list_artifacts(run_id, tracking.FIGURES)}
+    assert figures == set(tracking.FIGURE_FILES.values())
+    assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # not trained again
+    assert client.get_run(search_id).data.tags[tracking.BEST_TRIAL] == run_id
+    assert not (project / "trial_0" / tracking.PENDING).exists() and not half.exists()
+
+
 def _trials_by_id(work: Path) -> dict[str, Any]:
     return {r.data.tags[tracking.TRIAL_ID]: r for r in _runs(work, "trial")}
 
@@ -280,8 +322,22 @@ def test_a_worker_is_recycled_after_its_trials_or_once_its_memory_grew_past_the_
     assert workers.recycle_reason(20, 20, 1000.0, 1010.0, 10.0) == "after 20 trials"
     assert workers.recycle_reason(1, 1, None, None, 10.0) == "after 1 trial"
     assert workers.recycle_reason(3, 20, 1000.0, 1100.0, 10.0) is None  # at the bound, not past it
-    assert workers.recycle_reason(3, 20, 1000.0, 1101.0, 10.0).startswith("memory 1101 MB, 10% above 1000 MB")
+    assert workers.recycle_reason(3, 20, 1000.0, 1101.0, 10.0).startswith("memory 1101 MB, 10% above the 1000 MB")
     assert workers.recycle_reason(3, 20, None, 5000.0, 10.0) is None  # no finished trial yet to compare with
+
+
+def test_a_bigger_trial_raises_the_memory_baseline_and_a_leak_does_not():
+    """A 32 px trial, then a 128 px one: the second leaves the allocator's pages behind, which is its size, not a
+    leak, so the worker is kept. Trials no bigger than that one which keep adding memory are a leak."""
+    base = workers.baseline(None, None, 1000.0, 1500.0, 10.0)
+    assert base == (1000.0, 1500.0)  # the first trial sets it
+    base = workers.baseline(*base, 1600.0, 3300.0, 10.0)
+    assert base == (1600.0, 3300.0)  # its peak passed the first trial's by far more than 10%
+    assert workers.recycle_reason(2, 20, base[0], 1600.0, 10.0) is None
+    for rss, peak in ((1700.0, 3400.0), (1850.0, 3550.0)):  # more memory after each same-size trial
+        base = workers.baseline(*base, rss, peak, 10.0)
+    assert base == (1600.0, 3300.0)  # the peak grew by less than 10%: the baseline stays
+    assert "16% above the 1600 MB" in workers.recycle_reason(4, 20, base[0], 1850.0, 10.0)
 
 
 def test_trials_run_the_search_processs_covidsearch_whatever_the_working_directory_holds(xray_dir, workdir):

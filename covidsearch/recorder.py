@@ -1,0 +1,135 @@
+"""A trial's model and figures, logged by the search process while the next trial trains.
+
+Packaging the model for MLflow and drawing the four figures cost a small trial more than its epochs' setup
+does, and neither needs the trained model in memory. So the worker only writes what they need into the trial's
+folder (`write`: the .keras file, the test scores, the Grad-CAM sample, what the served model must know) and
+answers the search at once; the search's `Recorder` thread logs them, and only then ends the run FINISHED,
+records the search's best trial and removes the folder. A worker that dies in its next trial loses none of it,
+and what a killed search had not logged yet is logged first when it resumes (`recover`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from . import plots, serving, tracking
+from .progress import Progress
+
+ARRAYS, RECORD = "figures.npz", "record.json"  # files of a pending record, beside the .keras file
+
+
+def write(folder: Path, run_id: str, model: Any, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
+          test_probs: np.ndarray, history: dict[str, list[float]], val_epochs: list[dict[str, float]],
+          first_epoch: int) -> None:
+    """The trial's pending record, whole or not at all: written aside, then renamed into place. The seconds it took
+    are the trial's model part of its fixed cost (tracking.PART_MODEL), logged with the record."""
+    started = time.perf_counter()
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save(partial / tracking.KERAS_FILE)
+    np.savez(partial / ARRAYS, y_test=y_test, test_probs=test_probs, images=cams.images, heatmaps=cams.heatmaps,
+             labels=cams.labels, probs=cams.probs)
+    record = {"run_id": run_id, "classes": served.classes, "size": served.size, "color_mode": served.color_mode,
+              "threshold": served.threshold, "target": served.target, "first_epoch": first_epoch,
+              "history": {k: [float(v) for v in values] for k, values in history.items()},
+              "val_epochs": val_epochs, "requirements": serving.requirements(),
+              "saved_seconds": time.perf_counter() - started}
+    (partial / RECORD).write_text(json.dumps(record))
+    shutil.rmtree(folder, ignore_errors=True)  # a record an earlier attempt of this trial left
+    os.replace(partial, folder)
+
+
+def log_pending(client: MlflowClient, folder: Path) -> None:
+    """A pending record's model and figures logged to its run, with the seconds that took."""
+    started = time.perf_counter()
+    record = json.loads((folder / RECORD).read_text())
+    run_id, classes = record["run_id"], record["classes"]
+    served = serving.Classifier(classes, record["size"], record["color_mode"], record["threshold"], record["target"])
+    tracking.log_model(client, run_id, folder / tracking.KERAS_FILE, served, record["requirements"])
+    with np.load(folder / ARRAYS) as arrays, tempfile.TemporaryDirectory() as tmp:
+        cams = plots.Cams(arrays["images"], arrays["heatmaps"], arrays["labels"], arrays["probs"])
+        drawing = time.perf_counter()
+        plots.write_trial_figures(Path(tmp), arrays["y_test"], arrays["test_probs"], classes, record["history"],
+                                  record["val_epochs"], record["first_epoch"], cams)
+        drawn = time.perf_counter() - drawing
+        client.log_artifacts(run_id, tmp, tracking.FIGURES)
+    client.log_batch(run_id, metrics=tracking.metrics({
+        tracking.FIGURES_SECONDS: drawn, tracking.RECORD_SECONDS: time.perf_counter() - started,
+        f"{tracking.SETUP}{tracking.PART_MODEL}": record["saved_seconds"]}))
+
+
+def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress) -> bool:
+    """Log the pending record and end its run FINISHED; a record that cannot be logged fails its run, said on the
+    console, and the search goes on. The folder goes either way. Returns whether the run finished."""
+    try:
+        log_pending(client, folder)
+    except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
+        tracking.fail_trial(client, run_id, f"its model and figures could not be logged: {type(err).__name__}: {err}")
+        progress.notice(f"trial run {run_id}: its model and figures could not be logged ({err}): marked FAILED")
+        return False
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    tracking.finish_trial(client, run_id)
+    return True
+
+
+class Recorder:
+    """The search process's one thread that logs the trials' pending records, in the order they came."""
+
+    def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress):
+        self.client, self.search_run_id, self.objective, self.progress = client, search_run_id, objective, progress
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder")
+        self._queued: list[Future] = []
+        self._lock = threading.Lock()
+
+    def submit(self, run_id: str, folder: Path) -> None:
+        """Log the trial's pending record in the background; its run ends FINISHED once it is in."""
+        with self._lock:
+            self._queued = [f for f in self._queued if not f.done()]
+            self._queued.append(self._thread.submit(self._record, run_id, folder))
+
+    def _record(self, run_id: str, folder: Path) -> None:
+        if finish(self.client, run_id, folder, self.progress):
+            tracking.record_best(self.client, self.search_run_id, self.objective)
+
+    def close(self) -> None:
+        """Wait until every record submitted is logged (an interrupt leaves the rest on disk, for `recover`)."""
+        with self._lock:
+            queued = list(self._queued)
+        if any(not f.done() for f in queued):
+            self.progress.say("logging the last trials' models and figures")
+        for future in queued:
+            future.result()
+        self._thread.shutdown()
+
+
+def recover(client: MlflowClient, project: Path, search_run_id: str, objective: str,
+            progress: Progress) -> list[str]:
+    """Log the records a killed search left in its project's trial folders, before the search resumes: their runs
+    end FINISHED, so their trials are not trained again. A half-written record is dropped (its trial runs again).
+    Returns the runs finished."""
+    for partial in project.glob(f"trial_*/{tracking.PENDING}.partial"):
+        shutil.rmtree(partial)
+    recovered = []
+    for folder in sorted(project.glob(f"trial_*/{tracking.PENDING}")):
+        run_id = json.loads((folder / RECORD).read_text())["run_id"]
+        if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
+            shutil.rmtree(folder)
+        elif finish(client, run_id, folder, progress):
+            progress.notice(f"trial run {run_id}: its model and figures, not yet logged when the search stopped, "
+                            "are logged now")
+            recovered.append(run_id)
+    if recovered:
+        tracking.record_best(client, search_run_id, objective)
+    return recovered
