@@ -68,6 +68,7 @@ class Sample:
     sha256: str
     dhash: str  # 256-bit difference hash, hex
     name: str = ""  # path relative to the dataset root: the same wherever the dataset lives
+    gray: bool = False  # a single-band file: its RGB pixels are its grayscale ones widened, and cached as those
 
 
 @dataclass
@@ -205,27 +206,29 @@ def _class_names(classes: Iterable[str] | None) -> list[str]:
     return names
 
 
-def _check_file(path: str, sizes: tuple[Size, ...] = ()) -> tuple[str | None, str, list[np.ndarray]]:
-    """Decode a file fully once; return (sha256, dhash, its pixels at each of `sizes`)
-    or (None, why it cannot be used, [])."""
+def _check_file(path: str, sizes: tuple[Size, ...] = ()) -> tuple[str | None, str, bool, dict[Size, np.ndarray]]:
+    """Decode a file fully once; return (sha256, dhash, whether it is single-band, its pixels at each of `sizes` as
+    the cache keeps them: _kept(size, mode)) or (None, why it cannot be used, False, {})."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:  # permission denied, an I/O error, a file removed during the scan
-        return None, f"{CANNOT_READ}: {err.strerror or err}", []
+        return None, f"{CANNOT_READ}: {err.strerror or err}", False, {}
     if not data:
-        return None, "empty file", []
+        return None, "empty file", False, {}
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if min(im.size) < MIN_IMAGE_SIDE:
-                return None, _too_small(im.size), []
+                return None, _too_small(im.size), False, {}
             gray = to_mode(im, "grayscale")
-            pixels = [_pixels(im, size, color_mode) for size, color_mode in sizes]
+            single = _single_band(im)
+            kept = {_kept(size, mode, single) for size, mode in sizes}
+            pixels = {key: _pixels(im, *key) for key in kept}
     except UnidentifiedImageError:
-        return None, "not an image", []
+        return None, "not an image", False, {}
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return None, f"unreadable image: {err}".splitlines()[0], []
-    return hashlib.sha256(data).hexdigest(), _dhash(gray), pixels
+        return None, f"unreadable image: {err}".splitlines()[0], False, {}
+    return hashlib.sha256(data).hexdigest(), _dhash(gray), single, pixels
 
 
 def _too_small(size: tuple[int, int]) -> str:
@@ -260,33 +263,41 @@ def _file_key(path: Path) -> str:
 
 
 def _checked(files: list[Path], cache_dir: Path | None, workers: int | None, sizes: tuple[Size, ...],
-             report: Report | None = None) -> dict[Path, tuple[str | None, str]]:
-    """Check results per file; files seen before (same path, size and mtime) are not read again,
-    and the decode that checks a new file also fills the pixel cache for `sizes`."""
+             report: Report | None = None) -> dict[Path, tuple[str | None, str, bool]]:
+    """Check results per file (sha256 or None, dhash or why not, single-band); files seen before (same path, size
+    and mtime) are not read again, and the decode that checks a new file also fills the pixel cache for `sizes`."""
     index = cache_dir / "scan.json" if cache_dir else None
     known = json.loads(index.read_text()) if index and index.exists() else {}
     keys = {p: _file_key(p) for p in files}
     todo = [p for p in files if keys[p] not in known]
-    packs = [_Pack(_store(cache_dir, size, mode), len(todo), size, mode) for size, mode in sizes if cache_dir and todo]
+    kept = {_kept(size, mode, single) for size, mode in sizes for single in (False, True)} if cache_dir and todo else ()
+    packs = {key: _Pack(_store(cache_dir, *key), len(todo), *key) for key in kept}
 
-    def check(item: tuple[int, Path]) -> tuple[str | None, str]:
+    def check(item: tuple[int, Path]) -> tuple[str | None, str, bool]:
         row, path = item
-        sha, extra, pixels = _check_file(str(path), sizes if packs else ())
-        for pack, image in zip(packs, pixels):
-            pack.put(row, image)
-        return sha, extra
+        sha, extra, single, pixels = _check_file(str(path), sizes if packs else ())
+        for key, image in pixels.items():
+            packs[key].put(row, image)
+        return sha, extra, single
 
     results = _parallel(check, list(enumerate(todo)), workers, report)
     fresh = dict(zip(todo, results))
-    for p, (sha, extra) in fresh.items():
-        if not extra.startswith(CANNOT_READ):  # a chmod changes neither size nor mtime: read it again next scan
-            known[keys[p]] = (sha, extra)
-    readable = [row for row, (sha, _) in enumerate(results) if sha is not None]
-    for pack in packs:
-        pack.publish([results[row][0] for row in readable], readable)
+    for p, result in fresh.items():
+        if not result[1].startswith(CANNOT_READ):  # a chmod changes neither size nor mtime: read it again next scan
+            known[keys[p]] = result
+    readable = [row for row, (sha, *_) in enumerate(results) if sha is not None]
+    for pack in packs.values():
+        rows = [row for row in readable if row in pack.filled]
+        pack.publish([results[row][0] for row in rows], rows)
     if index and todo:
         _atomic_write(index, lambda fh: fh.write(json.dumps(known).encode()))
-    return {p: fresh[p] if p in fresh else tuple(known[keys[p]]) for p in files}
+    # an index entry from before single-band files were told apart reads as not single-band: cached in RGB
+    return {p: _result(fresh[p] if p in fresh else known[keys[p]]) for p in files}
+
+
+def _result(entry: Any) -> tuple[str | None, str, bool]:
+    sha, extra, *single = entry
+    return sha, extra, bool(single and single[0])
 
 
 def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -316,11 +327,11 @@ def scan(root: str | os.PathLike, classes: Iterable[str] | None = None, cache_di
     for label, name in enumerate(names):
         readable, unusable = 0, listed[name][1]
         for p in files[name]:
-            sha, extra = results[p]
+            sha, extra, single = results[p]
             if sha is None:
                 unusable.append((str(p), extra))
             else:
-                samples.append(Sample(str(p), label, sha, extra, p.relative_to(root_path).as_posix()))
+                samples.append(Sample(str(p), label, sha, extra, p.relative_to(root_path).as_posix(), single))
                 readable += 1
         if not readable:
             raise DataError(f"class {name!r} has no readable image in {folders[name]}")
@@ -505,11 +516,15 @@ def resize(im: Image.Image, size: int, color_mode: str = "rgb") -> np.ndarray:
     return _pixels(im, size, color_mode)
 
 
+def _single_band(im: Image.Image) -> bool:
+    """A grayscale file (L, 16-bit, ...): its RGB pixels are its grayscale pixels in three channels."""
+    return len(im.getbands()) == 1 and im.mode != "P"
+
+
 def _pixels(im: Image.Image, size: int, color_mode: str) -> np.ndarray:
     """An open image resized to uint8 (size, size, channels)."""
-    single_band = len(im.getbands()) == 1 and im.mode != "P"
     # A grayscale file is resized as one band and widened after: the same pixels, a third of the work.
-    small = to_mode(im, "grayscale" if single_band else color_mode).resize((size, size), Image.BILINEAR)
+    small = to_mode(im, "grayscale" if _single_band(im) else color_mode).resize((size, size), Image.BILINEAR)
     arr = np.asarray(to_mode(small, color_mode), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -527,18 +542,33 @@ def _store(cache_dir: str | os.PathLike, size: int, color_mode: str) -> Path:
     return Path(cache_dir) / "pixels" / f"{size}px-{color_mode}"
 
 
+def _kept(size: int, color_mode: str, single_band: bool) -> Size:
+    """The cache an image's pixels at this size and mode are kept in: a single-band image's RGB pixels are its
+    grayscale ones, kept once in one channel (a third of the bytes to write and read) and widened where read."""
+    return size, "grayscale" if single_band and color_mode == "rgb" else color_mode
+
+
 def arrays(dataset: Dataset, size: int, color_mode: str, cache_dir: str | os.PathLike,
            workers: int | None = None) -> np.ndarray:
-    """All images of a dataset as uint8 (n, size, size, channels), decoded once and then read from disk."""
-    store = _store(cache_dir, size, color_mode)
-    _fill(store, dataset.samples, size, color_mode, workers)
-    whole = store / f"{_pack_name(s.sha256 for s in dataset.samples)}.sha"
-    if whole.exists():  # one pack holds exactly these images in this order: map it, copy nothing
-        return np.load(whole.with_suffix(".npy"), mmap_mode="r")
-    found = _cached(store)
+    """All images of a dataset as uint8 (n, size, size, channels), decoded once and then read from disk: a mapped
+    pack when one holds exactly these images (RGB of grayscale files: its one channel broadcast to three, no copy),
+    else gathered from the packs into memory."""
+    groups: dict[Size, list[Sample]] = {}
+    for s in dataset.samples:
+        groups.setdefault(_kept(size, color_mode, s.gray), []).append(s)
+    for key, samples in groups.items():
+        _fill(_store(cache_dir, *key), samples, *key, workers)
+    if len(groups) == 1:
+        store = _store(cache_dir, *next(iter(groups)))
+        whole = store / f"{_pack_name(s.sha256 for s in dataset.samples)}.sha"
+        if whole.exists():  # one pack holds exactly these images in this order: map it, copy nothing
+            pixels = np.load(whole.with_suffix(".npy"), mmap_mode="r")
+            wanted = channels(color_mode)
+            return pixels if pixels.shape[-1] == wanted else np.broadcast_to(pixels, (*pixels.shape[:3], wanted))
+    found = {key: _cached(_store(cache_dir, *key)) for key in groups}
     out = np.empty((len(dataset.samples), size, size, channels(color_mode)), dtype=np.uint8)
     for i, s in enumerate(dataset.samples):
-        out[i] = found[s.sha256]
+        out[i] = found[_kept(size, color_mode, s.gray)][s.sha256]  # one channel broadcasts to three
     return out
 
 
@@ -607,6 +637,7 @@ class _Pack:
         store.mkdir(parents=True, exist_ok=True)
         self.store, self.shape = store, (rows, size, size, channels(color_mode))
         self.path, self.fd, self.offset = self._create(rows)
+        self.filled: set[int] = set()  # rows put so far
 
     def _create(self, rows: int) -> tuple[str, int, int]:
         """An .npy file of `rows` zero rows (sparse on disk): its path, an open descriptor, where row 0 starts."""
@@ -623,18 +654,20 @@ class _Pack:
         return int(np.prod(self.shape[1:]))
 
     def put(self, row: int, image: np.ndarray) -> None:
+        self.filled.add(row)
         os.pwrite(self.fd, memoryview(np.ascontiguousarray(image, dtype=np.uint8)).cast("B"),
                   self.offset + row * self.row_bytes)
 
     def publish(self, digests: list[str], rows: list[int] | None = None) -> None:
         """Keep `rows` (the readable images; all when None) under the name their digests give, pixels first, then
         the digest index that readers look for; two processes racing to write the same images write one pack."""
+        if not digests:
+            os.close(self.fd)
+            Path(self.path).unlink()
+            return
         if rows is not None and len(rows) < self.shape[0]:
             self._compact(rows)
         os.close(self.fd)
-        if not digests:
-            Path(self.path).unlink()
-            return
         name = _pack_name(digests)
         os.replace(self.path, self.store / f"{name}.npy")
         _atomic_write(self.store / f"{name}.sha", lambda fh: fh.write(b"".join(bytes.fromhex(d) for d in digests)))

@@ -1,72 +1,78 @@
-"""A trial's model and figures, logged by the search process while the next trial trains.
+"""A trial's test scores, model and figures, logged by the search process while the next trial trains.
 
 Packaging the model for MLflow and drawing the four figures cost a small trial more than its epochs' setup
-does, and neither needs the trained model in memory. So the worker only writes what they need into the trial's
-folder (`write`: the .keras file, the test scores, the Grad-CAM sample, what the served model must know) and
-answers the search at once; the search's `Recorder` thread logs them, and only then ends the run FINISHED,
-records the search's best trial and removes the folder. A worker that dies in its next trial loses none of it,
-and what a killed search had not logged yet is logged first when it resumes (`recover`).
+does, and neither they nor the test scores need the trained model in memory. So the worker saves the model once
+(the trial's checkpoint, which a Hyperband round continues from), writes what the rest needs into the trial's
+folder (`write`: the test predictions, the Grad-CAM sample, what the served model must know) and answers the
+search at once; the search's `Recorder` thread scores the test split and logs the scores, the model and the
+figures, and only then ends the run FINISHED, records the search's best trial and removes the folder. A worker
+that dies in its next trial loses none of it, and what a killed search had not logged yet is logged first when it
+resumes (`recover`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from . import plots, serving, tracking
+from . import metrics, plots, serving, tracking
 from .progress import Progress
 
-ARRAYS, RECORD = "figures.npz", "record.json"  # files of a pending record, beside the .keras file
+ARRAYS, RECORD = "figures.npz", "record.json"  # the files of a pending record
 
 
-def write(folder: Path, run_id: str, model: Any, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
+def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
           test_probs: np.ndarray, history: dict[str, list[float]], val_epochs: list[dict[str, float]],
-          first_epoch: int) -> None:
-    """The trial's pending record, whole or not at all: written aside, then renamed into place. The seconds it took
-    are the trial's model part of its fixed cost (tracking.PART_MODEL), logged with the record."""
-    started = time.perf_counter()
+          first_epoch: int, seed: int) -> None:
+    """The trial's pending record, whole or not at all: written aside, then renamed into place. The model is the
+    trial's saved .keras file (its checkpoint), named, not copied."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    model.save(partial / tracking.KERAS_FILE)
     np.savez(partial / ARRAYS, y_test=y_test, test_probs=test_probs, images=cams.images, heatmaps=cams.heatmaps,
              labels=cams.labels, probs=cams.probs)
     record = {"run_id": run_id, "classes": served.classes, "size": served.size, "color_mode": served.color_mode,
-              "threshold": served.threshold, "target": served.target, "first_epoch": first_epoch,
+              "threshold": served.threshold, "target": served.target, "first_epoch": first_epoch, "seed": seed,
               "history": {k: [float(v) for v in values] for k, values in history.items()},
-              "val_epochs": val_epochs, "requirements": serving.requirements(),
-              "saved_seconds": time.perf_counter() - started}
+              "val_epochs": val_epochs, "requirements": serving.requirements(), "keras_file": str(keras_file)}
     (partial / RECORD).write_text(json.dumps(record))
     shutil.rmtree(folder, ignore_errors=True)  # a record an earlier attempt of this trial left
     os.replace(partial, folder)
 
 
 def log_pending(client: MlflowClient, folder: Path) -> None:
-    """A pending record's model and figures logged to its run, with the seconds that took."""
+    """A pending record logged to its run: the test scores with their bootstrap intervals and the confusion
+    table, the model, the figures, and the seconds that took."""
     started = time.perf_counter()
     record = json.loads((folder / RECORD).read_text())
     run_id, classes = record["run_id"], record["classes"]
-    served = serving.Classifier(classes, record["size"], record["color_mode"], record["threshold"], record["target"])
-    tracking.log_model(client, run_id, folder / tracking.KERAS_FILE, served, record["requirements"])
-    with np.load(folder / ARRAYS) as arrays, tempfile.TemporaryDirectory() as tmp:
+    with np.load(folder / ARRAYS) as arrays:
+        y_test, test_probs = arrays["y_test"], arrays["test_probs"]
         cams = plots.Cams(arrays["images"], arrays["heatmaps"], arrays["labels"], arrays["probs"])
+    scores = {f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()}
+    scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
+                                           tracking.TEST))
+    client.log_batch(run_id, metrics=tracking.metrics(scores))
+    client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)
+    served = serving.Classifier(classes, record["size"], record["color_mode"], record["threshold"], record["target"])
+    tracking.log_model(client, run_id, Path(record["keras_file"]), served, record["requirements"])
+    with tempfile.TemporaryDirectory() as tmp:
         drawing = time.perf_counter()
-        plots.write_trial_figures(Path(tmp), arrays["y_test"], arrays["test_probs"], classes, record["history"],
-                                  record["val_epochs"], record["first_epoch"], cams)
+        plots.write_trial_figures(Path(tmp), y_test, test_probs, classes, record["history"], record["val_epochs"],
+                                  record["first_epoch"], cams)
         drawn = time.perf_counter() - drawing
         client.log_artifacts(run_id, tmp, tracking.FIGURES)
-    client.log_batch(run_id, metrics=tracking.metrics({
-        tracking.FIGURES_SECONDS: drawn, tracking.RECORD_SECONDS: time.perf_counter() - started,
-        f"{tracking.SETUP}{tracking.PART_MODEL}": record["saved_seconds"]}))
+    client.log_batch(run_id, metrics=tracking.metrics({tracking.FIGURES_SECONDS: drawn,
+                                                       tracking.RECORD_SECONDS: time.perf_counter() - started}))
 
 
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress) -> bool:
@@ -89,7 +95,8 @@ class Recorder:
 
     def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress):
         self.client, self.search_run_id, self.objective, self.progress = client, search_run_id, objective, progress
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
+                                          initializer=_yield_to_training)
         self._queued: list[Future] = []
         self._lock = threading.Lock()
 
@@ -112,6 +119,13 @@ class Recorder:
         for future in queued:
             future.result()
         self._thread.shutdown()
+
+
+def _yield_to_training() -> None:
+    """The recorder thread at the lowest CPU priority (Linux: a thread's own nice value): it then runs on what the
+    trial's training leaves idle (about half a core of two here) instead of taking cores from it."""
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def recover(client: MlflowClient, project: Path, search_run_id: str, objective: str,

@@ -77,15 +77,16 @@ def rehearse(tracking_uri: str) -> None:
     model.predict(images, verbose=0)
     tracking.open_store(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        recorder.write(Path(tmp) / tracking.PENDING, "", model, serving.Classifier.of(model, classes),
-                       plots.cams(model, images, labels, probs), labels, probs, {"loss": [1.0]},
-                       [{"val_loss": 1.0}], 0)
+        model.save(Path(tmp) / tracking.KERAS_FILE)
+        recorder.write(Path(tmp) / tracking.PENDING, "", Path(tmp) / tracking.KERAS_FILE,
+                       serving.Classifier.of(model, classes), plots.cams(model, images, labels, probs), labels, probs,
+                       {"loss": [1.0]}, [{"val_loss": 1.0}], 0, 0)
     keras.backend.clear_session()
 
 
 def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) -> dict[str, float]:
-    """Fit as the tutorial does, keep the best checkpoint, score it on the test split, and leave the model and the
-    figures' data for the search's recorder."""
+    """Fit as the tutorial does, keep the best checkpoint, predict the test split, and leave the model, the
+    predictions and the figures' data for the search's recorder."""
     started = time.perf_counter()
     keras.utils.set_random_seed(plan.seed + int(spec.trial_id))
     _set_precision(plan.precision)
@@ -95,9 +96,8 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     classes = plan.dataset.classes
     model = _build(spec, len(classes))
     record.lap(tracking.PART_BUILD)
-    weights_path = str(Path(spec.trial_dir) / "best.weights.h5")
     batch_size = int(spec.config["batch_size"])
-    validation = ValidationMetrics(x_val, y_val, classes, batch_size, plan.objective, weights_path)
+    validation = ValidationMetrics(x_val, y_val, classes, batch_size, plan.objective)
     train = Batches(x_train, batch_size, keras.utils.to_categorical(y_train, len(classes)), shuffle=True,
                     seed=plan.seed + int(spec.trial_id))
     history = _fit(model, spec, train,
@@ -106,24 +106,23 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     losses = history.get("loss", [])
     if not losses or any(not math.isfinite(v) for v in losses):
         raise TrialFailed(f"training loss became NaN or infinite after {len(losses)} epoch(s)")
-    _load_weights(model, weights_path)
+    validation.restore_best()
     record.lap(tracking.PART_FIT)
     best = validation.best()
-    test_probs = _predict(model, x_test, batch_size)
-    record.log_metrics({f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()})
-    record.log_metrics(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=plan.seed),
-                                                tracking.TEST))
+    test_probs = _predict(model, x_test, batch_size)  # scored by the recorder, with its intervals and table
     served = _served(record, spec, plan, model, x_val, y_val, y_test, test_probs)
-    record.log_table(metrics.confusion_table(y_test, test_probs, classes))
     record.lap(tracking.PART_TEST)
     cams = plots.cams(model, x_test, y_test, test_probs)
     record.lap(tracking.PART_FIGURES)
+    keras_file = Path(spec.trial_dir) / tracking.KERAS_FILE  # the trial's checkpoint: logged, and continued by Hyperband
+    model.save(keras_file)
+    record.lap(tracking.PART_MODEL)
     record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
                         "trial_seconds": time.perf_counter() - started,
                         **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
                         **{f"{tracking.BEST}{k}": v for k, v in best.items()}})
-    recorder.write(Path(spec.trial_dir) / tracking.PENDING, spec.run_id, model, served, cams, y_test, test_probs,
-                   history, validation.epochs, spec.initial_epoch)
+    recorder.write(Path(spec.trial_dir) / tracking.PENDING, spec.run_id, keras_file, served, cams, y_test, test_probs,
+                   history, validation.epochs, spec.initial_epoch, plan.seed)
     return best
 
 
@@ -249,16 +248,16 @@ def _served(record: tracking.TrialRecord, spec: Spec, plan: Plan, model: Any, x_
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """Validation loss and every test metric per epoch from one prediction pass over the split, and the
-    checkpoint of the epoch best by the search's objective: the model a trial keeps is the one it is ranked by."""
+    """Validation loss and every test metric per epoch from one prediction pass over the split, and the weights
+    of the epoch best by the search's objective: the model a trial keeps is the one it is ranked by. They are kept
+    in memory (a copy of the weights), not written at each better epoch; the trial saves the kept model once."""
 
-    def __init__(self, x: data.Rows | np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, objective: str,
-                 weights_path: str):
+    def __init__(self, x: data.Rows | np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, objective: str):
         super().__init__()
-        self.x, self.y, self.classes, self.batch_size = x, y, classes, batch_size
-        self.objective, self.weights_path = objective, weights_path
+        self.x, self.y, self.classes, self.batch_size, self.objective = x, y, classes, batch_size, objective
         self.epochs: list[dict[str, float]] = []
         self._best: dict[str, float] | None = None
+        self._best_weights: list[np.ndarray] = []
         self._started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -273,13 +272,17 @@ class ValidationMetrics(keras.callbacks.Callback):
                               "val_accuracy, val_macro_f1, val_min_sensitivity or val_sensitivity_<class>")
         self.epochs.append(values)
         if self._best is None or _ranks_before(values, self._best, self.objective):
-            self._best = values
-            self.model.save_weights(self.weights_path)
+            self._best, self._best_weights = values, self.model.get_weights()
         if logs is not None:  # seconds too, so a slow input path or idle accelerator shows in MLflow
             logs.update(values, train_seconds=trained - self._started, val_seconds=time.perf_counter() - trained)
 
+    def restore_best(self) -> None:
+        """The model's weights back to the kept epoch's."""
+        self.best()
+        self.model.set_weights(self._best_weights)
+
     def best(self) -> dict[str, float]:
-        """The validation metrics of the kept checkpoint's epoch."""
+        """The validation metrics of the kept epoch."""
         if self._best is None:
             raise TrialFailed("no epoch finished")
         return self._best

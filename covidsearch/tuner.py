@@ -141,7 +141,7 @@ class Tuner(base_tuner.BaseTuner):
         previous = values.get("tuner/trial_id")
         if previous is None:
             return None, int(values.get("tuner/initial_epoch", 0))
-        path = Path(self.get_trial_dir(previous)) / "best.weights.h5"
+        path = Path(self.get_trial_dir(previous)) / tracking.KERAS_FILE
         if path.exists():
             return str(path), int(values["tuner/initial_epoch"])
         model_id = tracking.trial_model(self.client, self.search_run_id, previous)

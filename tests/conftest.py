@@ -28,6 +28,15 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def is_mapped(pixels) -> bool:
+    """Whether an array is (a view of) a cache file mapped into memory, not a copy of it in memory."""
+    import numpy as np
+
+    while pixels is not None and not isinstance(pixels, np.memmap):
+        pixels = pixels.base
+    return pixels is not None
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run the covidsearch command as a user would, in a fresh process."""
     import subprocess

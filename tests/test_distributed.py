@@ -276,7 +276,7 @@ def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker
         assert first_epoch == previous.data.metrics["epochs_trained"]  # it goes on where that round stopped
         previous_id = previous.data.tags["covidsearch_trial_id"]
         if run.data.tags["covidsearch_worker_id"] == previous.data.tags["covidsearch_worker_id"]:
-            assert run.data.tags["warm_start"].endswith(f"trial_{previous_id}/best.weights.h5")
+            assert run.data.tags["warm_start"].endswith(f"trial_{previous_id}/model.keras")
         else:  # that round ran on the other worker, whose disk this one cannot read
             search_id = run.data.tags["mlflow.parentRunId"]
             model_id = tracking.trial_model(client, search_id, previous_id)

@@ -46,11 +46,17 @@ def _wait_for(predicate, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
+def _training(run) -> bool:
+    """A trial run whose worker is still training it: RUNNING, and not yet past its last epoch (a run whose model
+    and figures the search is logging is RUNNING too, and is logged, not run again, on resume)."""
+    return run.info.status == "RUNNING" and tracking.EPOCHS_TRAINED not in run.data.metrics
+
+
 def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):
     args = ["--data", str(xray_dir), "--max-trials", "3", *SMALL]
     proc = _start(workdir, *args)
     _wait_for(lambda: any(r.info.status == "FINISHED" for r in _runs(workdir, "trial")))
-    _wait_for(lambda: any(r.info.status == "RUNNING" for r in _runs(workdir, "trial")))
+    _wait_for(lambda: any(_training(r) for r in _runs(workdir, "trial")))
     os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker, as a preempted machine would
     proc.wait()
     finished_before = {r.info.run_id for r in _runs(workdir, "trial") if r.info.status == "FINISHED"}
@@ -132,7 +138,7 @@ def test_consecutive_failures_stop_the_search_with_a_clear_message(xray_dir, wor
 
 def test_a_worker_killed_mid_trial_is_a_failed_trial_not_a_failed_search(xray_dir, workdir):
     proc = _start(workdir, "--data", str(xray_dir), "--max-trials", "2", *SMALL)
-    _wait_for(lambda: any(r.info.status == "RUNNING" for r in _runs(workdir, "trial")))
+    _wait_for(lambda: any(_training(r) for r in _runs(workdir, "trial")))
     training = [pid for pid in _children(proc.pid) if _busy(pid)]
     assert training, "no worker process found"
     os.kill(training[0], signal.SIGKILL)  # what the kernel's out-of-memory killer does
@@ -253,7 +259,7 @@ def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_r
     finally:
         pool.close()
     assert reply.error is None
-    assert (project / "trial_0" / tracking.PENDING / tracking.KERAS_FILE).exists()
+    assert (project / "trial_0" / tracking.PENDING).is_dir() and (project / "trial_0" / tracking.KERAS_FILE).exists()
     assert tracking.logged_model(client, client.get_run(run_id)) is None  # the search was killed before logging it
     half = project / "trial_1" / f"{tracking.PENDING}.partial"
     half.mkdir(parents=True)

@@ -9,7 +9,7 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from conftest import cli, store
+from conftest import cli, is_mapped, store
 from covidsearch import data, demo, models, oracles, tracking, trial
 
 CLASSES = ["COVID-19", "Normal", "Viral Pneumonia"]
@@ -104,14 +104,13 @@ def _probabilities_model(logits: np.ndarray) -> keras.Model:
 
 
 @pytest.mark.parametrize("objective, kept", [("val_accuracy", "surer_but_wrong_once"), ("val_loss", "cautious")])
-def test_the_checkpoint_kept_is_the_epoch_best_by_the_objective(tmp_path: Path, objective: str, kept: str):
+def test_the_checkpoint_kept_is_the_epoch_best_by_the_objective(objective: str, kept: str):
     labels = np.array([0, 1, 2, 0])
     epochs = {  # 3 of 4 right but one badly wrong (high loss) / 2 of 4 right, never sure (low loss)
         "surer_but_wrong_once": np.array([[5, 0, 0], [0, 5, 0], [0, 0, 5], [0, 10, 0]]),
         "cautious": np.array([[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]]),
     }
-    path = str(tmp_path / "best.weights.h5")
-    validation = trial.ValidationMetrics(np.eye(4, dtype="float32"), labels, CLASSES, 4, objective, path)
+    validation = trial.ValidationMetrics(np.eye(4, dtype="float32"), labels, CLASSES, 4, objective)
     model = _probabilities_model(epochs["surer_but_wrong_once"])
     validation.set_model(model)
     seen = []
@@ -121,7 +120,7 @@ def test_the_checkpoint_kept_is_the_epoch_best_by_the_objective(tmp_path: Path, 
         seen.append(validation.epochs[-1])
     assert seen[0]["val_accuracy"] > seen[1]["val_accuracy"] and seen[0]["val_loss"] > seen[1]["val_loss"]
     assert validation.best() == seen[list(epochs).index(kept)]
-    model.load_weights(path)
+    validation.restore_best()
     np.testing.assert_array_equal(model.layers[0].get_weights()[0], epochs[kept])
 
 
@@ -141,7 +140,7 @@ def test_a_trial_reads_its_split_from_the_cache_batch_by_batch_without_copying_i
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     split_bytes = int(np.prod(x_train.shape))
-    assert isinstance(x_train.pixels, np.memmap) and split_bytes > 30_000_000
+    assert is_mapped(x_train.pixels) and split_bytes > 30_000_000
     assert peak < split_bytes / 4, f"{peak} bytes allocated to train on a {split_bytes}-byte split"
 
 
