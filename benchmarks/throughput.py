@@ -102,7 +102,7 @@ def plain_search(data_dir: Path, cache: Path, trials: int, epochs: int, project:
 
     dataset = data.scan(data_dir, cache_dir=cache)
     split = data.split(dataset, SEED, VAL_FRACTION, TEST_PER_CLASS)
-    pixels = {size: np.asarray(data.arrays(dataset, size, "rgb", cache)) for size in SIZES}
+    pixels = {size: np.ascontiguousarray(data.arrays(dataset, size, "rgb", cache)) for size in SIZES}  # in memory
     onehot = keras.utils.to_categorical(dataset.labels, len(dataset.classes))
     weights = data.class_weights(dataset.labels[split.train], len(dataset.classes))
     epoch_seconds: list[float] = []

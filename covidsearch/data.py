@@ -590,10 +590,17 @@ class Rows:
         """Rows `which` (positions in this split) as an in-memory uint8 array, read from the file in its order."""
         rows = self.rows[which]
         if np.ndim(rows) == 0:
-            return np.asarray(self.pixels[int(rows)])
+            return np.ascontiguousarray(self.pixels[int(rows)])
         order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *self.pixels.shape[1:]), dtype=self.pixels.dtype)
-        out[order] = self.pixels[rows[order]]
+        if self.pixels.strides[-1] != 0:
+            out = np.empty((len(rows), *self.pixels.shape[1:]), dtype=self.pixels.dtype)
+            out[order] = self.pixels[rows[order]]
+            return out
+        # a one-channel pack read as RGB (arrays): gather its rows (a third of the bytes), then copy the channel out
+        gray = self.pixels[..., 0][rows[order]][np.argsort(order)]
+        out = np.empty((*gray.shape, self.pixels.shape[-1]), dtype=self.pixels.dtype)
+        for channel in range(out.shape[-1]):
+            out[..., channel] = gray
         return out
 
 

@@ -76,17 +76,18 @@ def log_pending(client: MlflowClient, folder: Path) -> None:
 
 
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress) -> bool:
-    """Log the pending record and end its run FINISHED; a record that cannot be logged fails its run, said on the
-    console, and the search goes on. The folder goes either way. Returns whether the run finished."""
+    """Log the pending record and end its run FINISHED, then drop the record; a record that cannot be logged fails
+    its run, said on the console, and the search goes on. An interrupt leaves it for `recover`. Returns whether
+    the run finished."""
     try:
         log_pending(client, folder)
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
         tracking.fail_trial(client, run_id, f"its model and figures could not be logged: {type(err).__name__}: {err}")
         progress.notice(f"trial run {run_id}: its model and figures could not be logged ({err}): marked FAILED")
-        return False
-    finally:
         shutil.rmtree(folder, ignore_errors=True)
+        return False
     tracking.finish_trial(client, run_id)
+    shutil.rmtree(folder, ignore_errors=True)
     return True
 
 

@@ -465,6 +465,8 @@ def test_grayscale_files_are_cached_in_one_channel_and_read_as_the_same_rgb_pixe
     mapped = data.arrays(gray_only, 40, "rgb", tmp_path / "cache")
     assert mapped.strides[-1] == 0  # one channel read as three, not copied
     assert np.array_equal(mapped, pixels[[i for i, s in enumerate(dataset.samples) if s.gray]])
+    batch = data.Rows(mapped, np.arange(5, 30))[np.array([4, 0, 4])]  # as a trial reads its batches
+    assert batch.flags.c_contiguous and np.array_equal(batch, np.asarray(mapped)[[9, 5, 9]])
 
 
 FILL = """

@@ -209,9 +209,9 @@ def test_a_worker_outlives_the_thread_that_started_it(workdir):
     assert second.startswith("ValueError"), second  # not "the worker process died"
 
 
-def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
-    """Ctrl-C just as a trial ends: had the worker ended its run FINISHED itself, the store would hold a FINISHED
-    trial that the search never got (and ran again on resume). The worker leaves it RUNNING; the search ends it."""
+def _worker_trial(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, str, workers.Reply]:
+    """Trial 0 of a search run, trained by a worker as the search has it trained, with no search around it to
+    take the result: the store, the search run's id, the trial run's id and the worker's reply."""
     from covidsearch import data, spaces
 
     client, experiment_id = tracking.connect()
@@ -223,11 +223,19 @@ def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, wo
     config = space.config(space.defaults())
     search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
     run_id = tracking.start_trial(client, search_id, "0", "tuner0", True, config)
+    trial_dir.mkdir(parents=True, exist_ok=True)  # as Keras Tuner makes it
     pool = workers.Pool()
     try:
-        reply = pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(workdir)), plan))
+        return client, search_id, run_id, pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(trial_dir)),
+                                                                plan))
     finally:
         pool.close()
+
+
+def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
+    """Ctrl-C just as a trial ends: had the worker ended its run FINISHED itself, the store would hold a FINISHED
+    trial that the search never got (and ran again on resume). The worker leaves it RUNNING; the search ends it."""
+    client, search_id, run_id, reply = _worker_trial(xray_dir, workdir, workdir)
     assert reply.error is None and "val_loss" in reply.metrics
     assert client.get_run(run_id).info.status == "RUNNING"  # recorded in full, not yet claimed as done
     assert tracking.trial_result(client, search_id, "0") is None  # a resume would run it: nothing FINISHED
@@ -239,25 +247,11 @@ def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_r
     """The worker answers once its model and figures' data are on disk; the search logs them while the next trial
     trains. Killed in between, the search left the record in the trial's folder: resuming logs it first and ends
     the run FINISHED, so the trial counts as run; a record half-written when the worker died is dropped."""
-    from covidsearch import data, recorder, spaces
+    from covidsearch import recorder
     from covidsearch.progress import Progress
 
-    client, experiment_id = tracking.connect()
-    dataset = data.scan(xray_dir)
-    parts = data.split(dataset, seed=28, test_per_class=8)
-    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(workdir / "cache"),
-                      client.tracking_uri, "val_loss", 28)
-    space = spaces.load("vanilla").pin(["input_size=32"])
-    config = space.config(space.defaults())
-    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
-    run_id = tracking.start_trial(client, search_id, "0", "tuner0", True, config)
     project = workdir / "tuner" / "project"
-    (project / "trial_0").mkdir(parents=True)  # as Keras Tuner makes it
-    pool = workers.Pool()
-    try:
-        reply = pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(project / "trial_0")), plan))
-    finally:
-        pool.close()
+    client, search_id, run_id, reply = _worker_trial(xray_dir, workdir, project / "trial_0")
     assert reply.error is None
     assert (project / "trial_0" / tracking.PENDING).is_dir() and (project / "trial_0" / tracking.KERAS_FILE).exists()
     assert tracking.logged_model(client, client.get_run(run_id)) is None  # the search was killed before logging it
