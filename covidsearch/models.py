@@ -49,6 +49,18 @@ def build(config: dict[str, Any], n_classes: int) -> keras.Model:
     return model
 
 
+def save(model: keras.Model, path: Path) -> None:
+    """The model as a .keras file without its optimizer's state: a trial's model is served, evaluated and
+    continued by Hyperband (with a fresh optimizer), never resumed mid-step, and Adam's state is twice the weights
+    (a 130M-weight ConvNet: 0.5 GB written instead of 1.5)."""
+    optimizer = model.optimizer
+    model.optimizer = None  # what Keras saves of an uncompiled model: layers and weights
+    try:
+        model.save(path)
+    finally:
+        model.optimizer = optimizer
+
+
 def compile_model(model: keras.Model, config: dict[str, Any], learning_rate: float) -> None:
     """Adam as the tutorial (AdamW once weight_decay > 0), cross-entropy with optional label smoothing, and the
     tutorial's metrics; called again when a fine-tuning phase changes which weights train."""

@@ -77,7 +77,7 @@ def rehearse(tracking_uri: str) -> None:
     model.predict(images, verbose=0)
     tracking.open_store(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save(Path(tmp) / tracking.KERAS_FILE)
+        models.save(model, Path(tmp) / tracking.KERAS_FILE)
         recorder.write(Path(tmp) / tracking.PENDING, "", Path(tmp) / tracking.KERAS_FILE,
                        serving.Classifier.of(model, classes), plots.cams(model, images, labels, probs), labels, probs,
                        {"loss": [1.0]}, [{"val_loss": 1.0}], 0, 0)
@@ -115,7 +115,7 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     cams = plots.cams(model, x_test, y_test, test_probs)
     record.lap(tracking.PART_FIGURES)
     keras_file = Path(spec.trial_dir) / tracking.KERAS_FILE  # the trial's checkpoint: logged, and continued by Hyperband
-    model.save(keras_file)
+    models.save(model, keras_file)
     record.lap(tracking.PART_MODEL)
     record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
                         "trial_seconds": time.perf_counter() - started,
