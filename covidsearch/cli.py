@@ -147,8 +147,8 @@ def _search_options(p: argparse.ArgumentParser) -> None:
                    help="trials a worker process runs before it is replaced (default %(default)s; "
                         "1 = each trial in a fresh process)")
     p.add_argument("--max-worker-growth", type=float, default=workers.MAX_GROWTH, metavar="PCT",
-                   help="replace a worker process once its memory after a trial is PCT%% above what it held after "
-                        "its largest trial so far, the one with the highest peak (default %(default)g)")
+                   help="replace a worker process once its memory after a trial, or its peak, is PCT%% above what "
+                        "it was after its largest trial so far (default %(default)g)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     _target_option(p, "each trial's")
     _store_options(p)

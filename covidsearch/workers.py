@@ -72,39 +72,45 @@ class Reply:
 
 
 @dataclass
+class Memory:
+    """A worker's memory after its good trials (resident, and peak so far), read for a leak. A trial whose peak
+    jumps past the previous trial's by more than the bound is a bigger trial: what it leaves behind (pages the
+    allocator keeps) is its size, not a leak, and it becomes the baseline. A leak creeps, trial after trial: the
+    memory after a trial, or the peak, ends up past the baseline's by more than the bound."""
+
+    max_growth: float  # percent
+    base_rss: float | None = None
+    base_peak: float | None = None
+    last_peak: float | None = None
+
+    def after(self, rss: float | None, peak: float | None) -> str | None:
+        """Note a good trial's memory; why the worker must be replaced now, or None."""
+        bound = 1 + self.max_growth / 100
+        if self.base_rss is None or (peak and self.last_peak and peak > self.last_peak * bound):
+            self.base_rss, self.base_peak = rss, peak
+        self.last_peak = peak
+        for what, now, base in (("memory", rss, self.base_rss), ("peak memory", peak, self.base_peak)):
+            if now and base and now > base * bound:
+                return (f"{what} {now:.0f} MB, {(now / base - 1) * 100:.0f}% above the {base:.0f} MB after its "
+                        f"largest trial (bound {self.max_growth:g}%)")
+        return None
+
+
+@dataclass
 class _Worker:
-    """A worker process as the pool sees it: its pipe, the trials it ran, and its memory baseline (`baseline`)."""
+    """A worker process as the pool sees it: its pipe, the trials it ran, its memory."""
 
     process: subprocess.Popen
     conn: Connection
+    memory: Memory
     trials: int = 0
-    base_rss: float | None = None
-    base_peak: float | None = None
-
-    def rebase(self, rss: float | None, peak: float | None, max_growth: float) -> None:
-        self.base_rss, self.base_peak = baseline(self.base_rss, self.base_peak, rss, peak, max_growth)
 
 
-def baseline(base_rss: float | None, base_peak: float | None, rss: float | None, peak: float | None,
-             max_growth: float) -> tuple[float | None, float | None]:
-    """A worker's memory baseline after a good trial: that trial's memory and peak if it is the first, or if its
-    peak passed the baseline's by more than the bound (what a bigger trial leaves behind, pages the allocator
-    keeps, is the size of the trial, not a leak); else the baseline stays. A leak raises the peak too, but by as
-    many MB as the memory after the trial, which is the smaller figure: a leak passes the bound there first."""
-    if base_rss is None or (peak is not None and base_peak is not None and peak > base_peak * (1 + max_growth / 100)):
-        return rss, peak
-    return base_rss, base_peak
-
-
-def recycle_reason(trials: int, trials_per_worker: int, base_rss: float | None, rss: float | None,
-                   max_growth: float) -> str | None:
-    """Why a worker that has run `trials` trials must be replaced now (None: it may run another): the leak of
-    each trial is paid back by a process start only when it has added up."""
+def recycle_reason(trials: int, trials_per_worker: int) -> str | None:
+    """Replaced after `trials_per_worker` trials whatever its memory, as gunicorn's max-requests: a leak too slow
+    for the memory bound is paid back by a process start only when it has added up."""
     if trials >= trials_per_worker:
         return f"after {trials} trial{'s' if trials > 1 else ''}"
-    if base_rss and rss is not None and rss > base_rss * (1 + max_growth / 100):
-        return (f"memory {rss:.0f} MB, {(rss / base_rss - 1) * 100:.0f}% above the {base_rss:.0f} MB it held after "
-                f"its largest trial (bound {max_growth:g}%)")
     return None
 
 
@@ -135,7 +141,7 @@ class Pool:
         command = [sys.executable, "-c", BOOT, str(PACKAGE_ROOT), str(theirs.fileno()), str(self.device_share)]
         process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
-        return _Worker(process, Connection(ours.detach()))
+        return _Worker(process, Connection(ours.detach()), Memory(self.max_growth))
 
     def prepare(self) -> None:
         """Start the first worker now, so that it imports Keras while the search scans its data and opens its record,
@@ -155,10 +161,9 @@ class Pool:
             self._retire()
             return Reply(error=f"the worker process died (exit code {code}: killed, or out of memory)",
                          pid=worker.process.pid, nth=worker.trials)
-        if reply.error is None:  # a trial that failed early says nothing of memory
-            worker.rebase(reply.rss_mb, reply.peak_mb, self.max_growth)
-        reply.recycled = recycle_reason(worker.trials, self.trials_per_worker, worker.base_rss, reply.rss_mb,
-                                        self.max_growth)
+        # a trial that failed early says nothing of memory
+        leak = worker.memory.after(reply.rss_mb, reply.peak_mb) if reply.error is None else None
+        reply.recycled = recycle_reason(worker.trials, self.trials_per_worker) or leak
         if reply.recycled:
             self._retire()
         return reply

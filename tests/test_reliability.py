@@ -319,25 +319,24 @@ def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, wo
 
 
 def test_a_worker_is_recycled_after_its_trials_or_once_its_memory_grew_past_the_bound():
-    assert workers.recycle_reason(20, 20, 1000.0, 1010.0, 10.0) == "after 20 trials"
-    assert workers.recycle_reason(1, 1, None, None, 10.0) == "after 1 trial"
-    assert workers.recycle_reason(3, 20, 1000.0, 1100.0, 10.0) is None  # at the bound, not past it
-    assert workers.recycle_reason(3, 20, 1000.0, 1101.0, 10.0).startswith("memory 1101 MB, 10% above the 1000 MB")
-    assert workers.recycle_reason(3, 20, None, 5000.0, 10.0) is None  # no finished trial yet to compare with
+    assert workers.recycle_reason(20, 20) == "after 20 trials" and workers.recycle_reason(1, 1) == "after 1 trial"
+    assert workers.recycle_reason(3, 20) is None
+    memory = workers.Memory(10.0)
+    assert memory.after(1000.0, 1500.0) is None  # the first trial sets the baseline
+    assert memory.after(1100.0, 1500.0) is None  # at the bound, not past it
+    assert memory.after(1101.0, 1500.0).startswith("memory 1101 MB, 10% above the 1000 MB after its largest trial")
 
 
 def test_a_bigger_trial_raises_the_memory_baseline_and_a_leak_does_not():
     """A 32 px trial, then a 128 px one: the second leaves the allocator's pages behind, which is its size, not a
-    leak, so the worker is kept. Trials no bigger than that one which keep adding memory are a leak."""
-    base = workers.baseline(None, None, 1000.0, 1500.0, 10.0)
-    assert base == (1000.0, 1500.0)  # the first trial sets it
-    base = workers.baseline(*base, 1600.0, 3300.0, 10.0)
-    assert base == (1600.0, 3300.0)  # its peak passed the first trial's by far more than 10%
-    assert workers.recycle_reason(2, 20, base[0], 1600.0, 10.0) is None
-    for rss, peak in ((1700.0, 3400.0), (1850.0, 3550.0)):  # more memory after each same-size trial
-        base = workers.baseline(*base, rss, peak, 10.0)
-    assert base == (1600.0, 3300.0)  # the peak grew by less than 10%: the baseline stays
-    assert "16% above the 1600 MB" in workers.recycle_reason(4, 20, base[0], 1850.0, 10.0)
+    leak, so the worker is kept. Same-size trials whose memory creeps up, after or at its peak, are a leak."""
+    memory = workers.Memory(10.0)
+    assert memory.after(1000.0, 1500.0) is None
+    assert memory.after(1600.0, 3300.0) is None  # its peak jumped far past the last trial's: the new baseline
+    assert memory.after(1500.0, 3300.0) is None  # a small trial after it
+    creeping = [memory.after(1610.0, 3300.0 + 60 * k) for k in range(1, 7)]  # 60 MB more at the peak each trial
+    assert creeping[:5] == [None] * 5
+    assert creeping[5].startswith("peak memory 3660 MB, 11% above the 3300 MB")
 
 
 def test_trials_run_the_search_processs_covidsearch_whatever_the_working_directory_holds(xray_dir, workdir):
