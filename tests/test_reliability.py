@@ -78,7 +78,7 @@ def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):
 
 def test_ctrl_c_records_the_trial_as_killed_and_prints_how_to_resume(xray_dir, workdir):
     proc = _start(workdir, "--data", str(xray_dir), "--max-trials", "2", *SMALL)
-    _wait_for(lambda: any(r.info.status == "RUNNING" for r in _runs(workdir, "trial")))
+    _wait_for(lambda: any(_training(r) for r in _runs(workdir, "trial")))  # not the last one's logging, at the end
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
