@@ -345,6 +345,8 @@ def run(opts: Options) -> Result:
         lock.close()
     if tuner.oracle.stop_reason:
         s.progress.notice(f"{tuner.oracle.stop_reason}: the search ends here")
+    if opts.oracle:  # its workers log their last trials after it has their results
+        tracking.wait_for_trials(s.client, search_run_id)
     return _finish(s, search_run_id, directory / project_name, bool(state))
 
 

@@ -411,6 +411,15 @@ def live_trials(found: MlflowClient, search_run_id: str, worker_id: str) -> list
     return [run_id for run_id, beat in before.items() if after.get(run_id, beat) != beat]
 
 
+def wait_for_trials(found: MlflowClient, parent_id: str, seconds: float = 120) -> None:
+    """Wait up to `seconds` while trial runs of the search are RUNNING: a distributed search's workers log each
+    trial's model and figures after its result reached the chief (recorder.py)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _search(found, parent_id, f"{_children(parent_id, None)} and "
+                                                                    "attributes.status = 'RUNNING'"):
+        time.sleep(1)
+
+
 def close_orphans(found: MlflowClient, parent_id: str, status: str = "KILLED",
                   worker_id: str | None = None) -> list[str]:
     """Runs of this search (or of one worker) left RUNNING by a killed process: end them so none stays RUNNING."""
