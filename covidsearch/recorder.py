@@ -61,7 +61,6 @@ def log_pending(client: MlflowClient, folder: Path) -> None:
     scores = {f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()}
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
-    client.log_batch(run_id, metrics=tracking.metrics(scores))
     client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)
     served = serving.Classifier(classes, record["size"], record["color_mode"], record["threshold"], record["target"])
     tracking.log_model(client, run_id, Path(record["keras_file"]), served, record["requirements"])
@@ -71,8 +70,8 @@ def log_pending(client: MlflowClient, folder: Path) -> None:
                                   record["first_epoch"], cams)
         drawn = time.perf_counter() - drawing
         client.log_artifacts(run_id, tmp, tracking.FIGURES)
-    client.log_batch(run_id, metrics=tracking.metrics({tracking.FIGURES_SECONDS: drawn,
-                                                       tracking.RECORD_SECONDS: time.perf_counter() - started}))
+    scores.update({tracking.FIGURES_SECONDS: drawn, tracking.RECORD_SECONDS: time.perf_counter() - started})
+    client.log_batch(run_id, metrics=tracking.metrics(scores))
 
 
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress) -> bool:

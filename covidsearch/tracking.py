@@ -585,10 +585,13 @@ class TrialRecord:
             self.client.log_table(self.run_id, table, name)
 
     def log_model(self, model: Any, served: Any, requirements: list[str], name: str = MODEL) -> str:
-        """The Keras model logged as log_model logs its file; returns its models:/ URI."""
+        """The Keras model saved as a trial saves it (models.save, imported here so that commands that only read
+        the store do not load Keras) and logged as log_model logs its file; returns its models:/ URI."""
+        from .models import save
+
         with self._timed(PART_MODEL), tempfile.TemporaryDirectory() as tmp:
             keras_file = Path(tmp) / KERAS_FILE
-            model.save(keras_file)
+            save(model, keras_file)
             return log_model(self.client, self.run_id, keras_file, served, requirements, name)
 
     def fail(self, error: str, traceback_text: str) -> None:

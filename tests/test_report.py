@@ -38,7 +38,8 @@ def test_every_trial_logs_its_figures(reported):
     for run in trials:
         assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
             "figures/curves.png", "figures/confusion_matrix.png", "figures/roc.png", "figures/gradcam.png"}
-        assert run.data.metrics["figures_seconds"] < run.data.metrics["trial_seconds"]
+        # The search process draws them after the trial, so they are timed as part of recording it.
+        assert 0 < run.data.metrics["figures_seconds"] < run.data.metrics["record_seconds"]
 
 
 def test_every_trial_records_intervals_that_contain_its_test_scores(reported):
