@@ -53,7 +53,7 @@ def save(model: keras.Model, path: Path) -> None:
     """The model as a .keras file without its optimizer's state: a trial's model is served, evaluated and
     continued by Hyperband (with a fresh optimizer), never resumed mid-step, and Adam's state is twice the weights
     (a 130M-weight ConvNet: 0.5 GB written instead of 1.5)."""
-    optimizer = model.optimizer
+    optimizer = getattr(model, "optimizer", None)  # a model loaded with compile=False has none
     model.optimizer = None  # what Keras saves of an uncompiled model: layers and weights
     try:
         model.save(path)
