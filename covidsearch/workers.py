@@ -117,7 +117,9 @@ def recycle_reason(trials: int, trials_per_worker: int) -> str | None:
 class Pool:
     """The worker processes of one trial slot: the current worker, which runs trial after trial, and a standby
     started (Keras imported, the device opened) while the current one trains, which takes over when the current one
-    is recycled or dies. `device_share` bounds the GPU memory of each of its processes."""
+    is recycled or dies. The standby starts with the current worker's second trial: its start-up then takes no cores
+    from the first trial, which waits on the current worker's own start-up, and a one-trial search starts no second
+    process. `device_share` bounds the GPU memory of each of its processes."""
 
     def __init__(self, trials_per_worker: int = TRIALS_PER_WORKER, device_share: float = 1.0,
                  max_growth: float = MAX_GROWTH):
@@ -151,7 +153,9 @@ class Pool:
 
     def run(self, task: Task) -> Reply:
         """Run one trial in the current worker; a worker that dies is a failed trial, not a failed search."""
-        worker = self._current or self._take_standby(task.plan.tracking_uri)
+        worker = self._current or self._take_standby()
+        if worker.trials:
+            self._keep_standby(task.plan.tracking_uri)
         worker.trials += 1
         try:
             worker.conn.send(replace(task, sent=time.time()))
@@ -168,12 +172,16 @@ class Pool:
             self._retire()
         return reply
 
-    def _take_standby(self, tracking_uri: str) -> _Worker:
-        """The standby becomes the current worker, and a new standby starts behind it and warms up."""
-        self._current = self._standby or self._spawn()
-        self._standby = self._spawn()
-        self._standby.conn.send(Warm(tracking_uri))
+    def _take_standby(self) -> _Worker:
+        """The standby becomes the current worker (a fresh one if there is none yet)."""
+        self._current, self._standby = self._standby or self._spawn(), None
         return self._current
+
+    def _keep_standby(self, tracking_uri: str) -> None:
+        """A standby behind the current worker, warming up on the search's store while the next trial trains."""
+        if self._standby is None:
+            self._standby = self._spawn()
+            self._standby.conn.send(Warm(tracking_uri))
 
     def _retire(self) -> None:
         if self._current is not None:
@@ -235,8 +243,11 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
         waited, served = max(0.0, time.time() - task.sent), served + 1
         reply = _answer(trial, task)
         keras.backend.clear_session()  # and a garbage collection: the trial's model is freed before memory is read
-        conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_status_mb("VmRSS"), peak_mb=_status_mb("VmHWM"),
-                          waited=waited))
+        try:
+            conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_status_mb("VmRSS"),
+                              peak_mb=_status_mb("VmHWM"), waited=waited))
+        except BrokenPipeError:  # the search was interrupted while this trial trained: no one takes its result
+            _exit()
 
 
 def _answer(trial: Any, task: Task) -> Reply:

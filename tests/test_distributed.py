@@ -95,7 +95,9 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 600
         time.sleep(1)
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+# A whole chief-and-two-workers search (three minutes here): a slow scenario on both backends, which CI runs.
+@pytest.fixture(scope="module", params=[pytest.param("sqlite", marks=pytest.mark.slow),
+                                        pytest.param("postgresql", marks=pytest.mark.slow)])
 def tracking_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`covidsearch server` on a free port of 127.0.0.1, on each database backend; yields the URI it prints."""
     tmp = tmp_path_factory.mktemp(f"server-{request.param}")

@@ -120,6 +120,7 @@ def test_trials_run_in_parallel_with_workers_per_gpu(xray_dir, workdir):
     assert any(later_start < end for (_, end), (later_start, _) in zip(starts_and_ends, starts_and_ends[1:]))
 
 
+@pytest.mark.slow  # a second backend's whole flow: CI's slow pass
 def test_the_whole_flow_runs_on_the_jax_backend(xray_dir, workdir):
     jax = {"KERAS_BACKEND": "jax"}
     ran = cli("run", "--data", str(xray_dir), "--tuner", "random", "--max-trials", "1", "--max-epochs", "1",

@@ -1,0 +1,190 @@
+"""Worker processes: a long-lived worker's trials are recorded like a fresh one's, it is recycled by trial count or
+memory, a killed one fails only its trial, and it runs the search's own covidsearch."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import cli
+from covidsearch import tracking, trial, workers
+from test_reliability import SMALL, _runs, _start, _store, _wait_for
+
+
+def test_a_worker_outlives_the_thread_that_started_it(workdir):
+    """`--workers-per-gpu` runs trials from threads that end one by one; a worker one of them started may be
+    serving another's trial, and must not die with it (CI once saw such a trial killed)."""
+    client, experiment_id = tracking.connect()
+    plan = trial.Plan(dataset=None, split=None, class_weights={}, cache_dir=str(workdir),
+                      tracking_uri=client.tracking_uri, objective="val_loss", seed=0)
+
+    def quick_failure(n: int) -> trial.Spec:
+        """A trial whose worker answers at once: its id is not a number, so it fails before loading data."""
+        run_id = tracking.create_run(client, experiment_id, f"trial-{n}", {"covidsearch_kind": "trial"})
+        return trial.Spec(f"not-a-number-{n}", run_id, {}, epochs=1, initial_epoch=0, trial_dir=str(workdir))
+
+    pool, answers = workers.Pool(trials_per_worker=2), []
+    thread = threading.Thread(target=lambda: answers.append(pool.run(workers.Task(quick_failure(1), plan)).error))
+    thread.start()
+    thread.join()
+    time.sleep(1)
+    try:
+        second = pool.run(workers.Task(quick_failure(2), plan)).error  # the same worker process serves it, here
+    finally:
+        pool.close()
+    assert answers and answers[0].startswith("ValueError")
+    assert second.startswith("ValueError"), second  # not "the worker process died"
+
+
+def _worker_trial(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, str, workers.Reply]:
+    """Trial 0 of a search run, trained by a worker as the search has it trained, with no search around it to
+    take the result: the store, the search run's id, the trial run's id and the worker's reply."""
+    from covidsearch import data, spaces
+
+    client, experiment_id = tracking.connect()
+    dataset = data.scan(xray_dir)
+    parts = data.split(dataset, seed=28, test_per_class=8)
+    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(workdir / "cache"),
+                      client.tracking_uri, "val_loss", 28)
+    space = spaces.load("vanilla").pin(["input_size=32"])
+    config = space.config(space.defaults())
+    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+    run_id = tracking.start_trial(client, search_id, "0", "tuner0", True, config)
+    trial_dir.mkdir(parents=True, exist_ok=True)  # as Keras Tuner makes it
+    pool = workers.Pool()
+    try:
+        return client, search_id, run_id, pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(trial_dir)),
+                                                                plan))
+    finally:
+        pool.close()
+
+
+def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
+    """Ctrl-C just as a trial ends: had the worker ended its run FINISHED itself, the store would hold a FINISHED
+    trial that the search never got (and ran again on resume). The worker leaves it RUNNING; the search ends it."""
+    client, search_id, run_id, reply = _worker_trial(xray_dir, workdir, workdir)
+    assert reply.error is None and "val_loss" in reply.metrics
+    assert client.get_run(run_id).info.status == "RUNNING"  # recorded in full, not yet claimed as done
+    assert tracking.trial_result(client, search_id, "0") is None  # a resume would run it: nothing FINISHED
+    tracking.finish_trial(client, run_id)
+    assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # a resume would not
+
+
+def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_resume(xray_dir, workdir):
+    """The worker answers once its model and figures' data are on disk; the search logs them while the next trial
+    trains. Killed in between, the search left the record in the trial's folder: resuming logs it first and ends
+    the run FINISHED, so the trial counts as run; a record half-written when the worker died is dropped."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    project = workdir / "tuner" / "project"
+    client, search_id, run_id, reply = _worker_trial(xray_dir, workdir, project / "trial_0")
+    assert reply.error is None
+    assert (project / "trial_0" / tracking.PENDING).is_dir() and (project / "trial_0" / tracking.KERAS_FILE).exists()
+    assert tracking.logged_model(client, client.get_run(run_id)) is None  # the search was killed before logging it
+    half = project / "trial_1" / f"{tracking.PENDING}.partial"
+    half.mkdir(parents=True)
+
+    recovered = recorder.recover(client, project, search_id, "val_loss", Progress("off", None, "val_loss"))
+
+    assert recovered == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert tracking.load_keras(f"models:/{tracking.logged_model(client, run)}").count_params() > 0
+    figures = {Path(a.path).name for a in client.list_artifacts(run_id, tracking.FIGURES)}
+    assert figures == set(tracking.FIGURE_FILES.values())
+    assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # not trained again
+    assert client.get_run(search_id).data.tags[tracking.BEST_TRIAL] == run_id
+    assert not (project / "trial_0" / tracking.PENDING).exists() and not half.exists()
+
+
+def _trials_by_id(work: Path) -> dict[str, Any]:
+    return {r.data.tags[tracking.TRIAL_ID]: r for r in _runs(work, "trial")}
+
+
+def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir):
+    """Trial 1 is its worker's second trial, trial 2 the first of the worker that replaced it: both are recorded as
+    the fresh worker's first trial is, and each run says which process ran it."""
+    result = cli("run", "--data", str(xray_dir), "--max-trials", "3", "--trials-per-worker", "2", *SMALL, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client, _ = _store(workdir)
+    trials = _trials_by_id(workdir)
+    assert sorted(trials) == ["0", "1", "2"] and {r.info.status for r in trials.values()} == {"FINISHED"}
+    tags = {i: r.data.tags for i, r in trials.items()}
+    assert tags["0"][tracking.WORKER_PID] == tags["1"][tracking.WORKER_PID] != tags["2"][tracking.WORKER_PID]
+    assert [tags[i][tracking.WORKER_TRIAL] for i in "012"] == ["1", "2", "1"]
+    assert tags["1"][tracking.WORKER_RECYCLED] == "after 2 trials" and tracking.WORKER_RECYCLED not in tags["0"]
+    first = trials["0"]
+    for run in trials.values():
+        assert set(run.data.metrics) == set(first.data.metrics)
+        assert tracking.logged_model(client, run) is not None
+        figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, tracking.FIGURES)}
+        assert figures == set(tracking.FIGURE_FILES.values())
+        assert run.data.metrics[tracking.WORKER_RSS] > 0
+        parts = {k for k in run.data.metrics if k.startswith(tracking.SETUP)}
+        assert {f"{tracking.SETUP}{p}" for p in (tracking.PART_WORKER_START, tracking.PART_DATA, tracking.PART_BUILD,
+                                                 tracking.PART_FIT, tracking.PART_TEST, tracking.PART_MODEL,
+                                                 tracking.PART_FIGURES, tracking.PART_MLFLOW)} == parts
+
+
+def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
+    """The worker that ran trial 0 is killed while it trains trial 1: trial 1 fails, and trial 2 runs in a fresh
+    worker (the standby) and finishes."""
+    proc = _start(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "4", *SMALL[4:])
+    _wait_for(lambda: (lambda t: t.get("0") is not None and t["0"].info.status == "FINISHED" and "1" in t)(
+        _trials_by_id(workdir)))
+    pid = int(_trials_by_id(workdir)["0"].data.tags[tracking.WORKER_PID])
+    os.kill(pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    trials = _trials_by_id(workdir)
+    assert [trials[i].info.status for i in "012"] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "worker process died" in trials["1"].data.tags["error"]
+    tags = {i: r.data.tags for i, r in trials.items()}
+    assert tags["1"][tracking.WORKER_PID] == str(pid) and tags["1"][tracking.WORKER_TRIAL] == "2"
+    assert tags["2"][tracking.WORKER_PID] != str(pid) and tags["2"][tracking.WORKER_TRIAL] == "1"
+
+
+def test_a_worker_is_recycled_after_its_trials_or_once_its_memory_grew_past_the_bound():
+    assert workers.recycle_reason(20, 20) == "after 20 trials" and workers.recycle_reason(1, 1) == "after 1 trial"
+    assert workers.recycle_reason(3, 20) is None
+    memory = workers.Memory(10.0)
+    assert memory.after(1000.0, 1500.0) is None  # the first trial sets the baseline
+    assert memory.after(1100.0, 1500.0) is None  # at the bound, not past it
+    assert memory.after(1101.0, 1500.0).startswith("memory 1101 MB, 10% above the 1000 MB after its largest trial")
+
+
+def test_a_bigger_trial_raises_the_memory_baseline_and_a_leak_does_not():
+    """A 32 px trial, then a 128 px one: the second leaves the allocator's pages behind, which is its size, not a
+    leak, so the worker is kept. Same-size trials whose memory creeps up, after or at its peak, are a leak."""
+    memory = workers.Memory(10.0)
+    assert memory.after(1000.0, 1500.0) is None
+    assert memory.after(1600.0, 3300.0) is None  # its peak jumped far past the last trial's: the new baseline
+    assert memory.after(1500.0, 3300.0) is None  # a small trial after it
+    creeping = [memory.after(1610.0, 3300.0 + 60 * k) for k in range(1, 7)]  # 60 MB more at the peak each trial
+    assert creeping[:5] == [None] * 5
+    assert creeping[5].startswith("peak memory 3660 MB, 11% above the 3300 MB")
+
+
+def test_trials_run_the_search_processs_covidsearch_whatever_the_working_directory_holds(xray_dir, workdir):
+    """A checkout of another version (or one being edited) where the command is run must not train the trials."""
+    (workdir / "covidsearch").mkdir()
+    (workdir / "covidsearch" / "__init__.py").write_text("raise ImportError('not the covidsearch that was run')\n")
+    command = Path(sys.executable).with_name("covidsearch")  # the installed command, as a user runs it
+    result = subprocess.run([str(command), "run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random",
+                             "--max-trials", "1", "--max-epochs", "1", "--test-per-class", "8"], cwd=workdir,
+                            capture_output=True, text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    search = client.search_runs([client.get_experiment_by_name("covidsearch").experiment_id],
+                                f"tags.{tracking.KIND} = '{tracking.SEARCH}'")[0]
+    assert [r.info.status for r in tracking.trial_runs(client, search.info.run_id)] == ["FINISHED"]
