@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -44,7 +45,7 @@ def _wait_for(predicate, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def _early_in_training(work: Path):
+def _early_in_training(work: Path) -> Any | None:
     """A trial run that its worker is fitting and that has most of its epochs still ahead (a kill then lands on a
     trial in flight, not on one whose worker is answering or whose record the search is logging), or None."""
     runs = _runs(work, "trial")
@@ -59,7 +60,8 @@ def _early_in_training(work: Path):
 def _killable(work: Path, *args: str) -> list[str]:
     """A search of six points whose trials train 15 epochs each with no early stop: a kill seen early in a trial's
     training lands while that trial still trains, however loaded the machine is."""
-    space = _space(work, FAILING_SPACE.replace("patience = 5", "patience = 50") % ("8", "8", "0.001, 0.0005, 0.002", "0.001"))
+    text = FAILING_SPACE.replace("patience = 5", "patience = 50") % ("8", "8", "0.001, 0.0005, 0.002", "0.001")
+    space = _space(work, text)
     return ["--space", str(space), *args, *SMALL[:2], "--max-epochs", "15", *SMALL[4:]]
 
 
