@@ -110,7 +110,8 @@ def test_the_checkpoint_kept_is_the_epoch_best_by_the_objective(objective: str, 
         "surer_but_wrong_once": np.array([[5, 0, 0], [0, 5, 0], [0, 0, 5], [0, 10, 0]]),
         "cautious": np.array([[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]]),
     }
-    validation = trial.ValidationMetrics(np.eye(4, dtype="float32"), labels, CLASSES, 4, objective)
+    validation = trial.ValidationMetrics(np.eye(4, dtype="float32"), labels, CLASSES, 4, objective,
+                                         last_epoch=1)
     model = _probabilities_model(epochs["surer_but_wrong_once"])
     validation.set_model(model)
     seen = []
