@@ -218,8 +218,8 @@ def _covidsearch(args: argparse.Namespace, work: Path, name: str, logging: bool)
         (work / "sitecustomize.py").write_text(textwrap.dedent(NO_LOGGING))
     wall = _run([sys.executable, "-m", "covidsearch.cli", "run", "--space", "vanilla", "--data", str(args.data),
                  "--tuner", "random", "--max-trials", str(args.trials), "--max-epochs", str(args.epochs),
-                 *_sets(args), "--seed", str(SEED), "--no-baseline", "--tracking-uri", uri, "--project-dir", str(work / "tuner"),
-                 "--cache-dir", str(args.cache_dir), "--quiet"], work, env)
+                 *_sets(args), "--seed", str(SEED), "--no-baseline", "--tracking-uri", uri,
+                 "--project-dir", str(work / "tuner"), "--cache-dir", str(args.cache_dir), "--quiet"], work, env)
     return Side(name, wall, _recorded_trials(uri) if logging else [])
 
 

@@ -46,12 +46,44 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | Non
                           text=True, timeout=timeout, env={**clean, **(env or {})})
 
 
-def store(work: Path):
-    """The default store a command run in `work` wrote, read as a user would: (client, experiment id)."""
-    from mlflow.tracking import MlflowClient
+SMALL = ["--tuner", "random", "--max-epochs", "2", "--test-per-class", "8", "--set", "input_size=32", "--quiet"]
 
-    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
-    return client, client.get_experiment_by_name("covidsearch").experiment_id
+
+def store(work: Path):
+    """The default store a command run in `work` wrote, read as a user would: (client, experiment id). Opening it
+    creates nothing: a store the command is still creating raises tracking.StoreError."""
+    from covidsearch import tracking
+
+    return tracking.connect(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}", create=False)
+
+
+def runs(work: Path, kind: str) -> list:
+    """Runs of a kind in the store of `work`; none while the search is still creating its store."""
+    from covidsearch import tracking
+
+    try:
+        client, experiment_id = store(work)
+    except tracking.StoreError:
+        return []
+    return client.search_runs([experiment_id], f"tags.covidsearch_kind = '{kind}'")
+
+
+def start_search(work: Path, *args: str):
+    """`covidsearch run` in its own process group, as a user's terminal would run it, not waited for."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "covidsearch.cli", "run", *args], cwd=work, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float = 300) -> None:
+    """Poll until `predicate()` holds; fail the test after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the search"
+        time.sleep(0.5)
 
 
 def small_search(work: Path, data: Path):

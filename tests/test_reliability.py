@@ -5,52 +5,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import cli
+from conftest import SMALL, cli, runs, start_search, store, wait_for
 from covidsearch import tracking
-
-SMALL = ["--tuner", "random", "--max-epochs", "2", "--test-per-class", "8", "--set", "input_size=32", "--quiet"]
-
-
-def _store(work: Path) -> tuple[MlflowClient, str]:
-    return tracking.connect(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}", create=False)
-
-
-def _runs(work: Path, kind: str) -> list:
-    """Runs of a kind in the store of `work`; none while the search is still creating its store."""
-    try:
-        client, experiment_id = _store(work)
-    except tracking.StoreError:
-        return []
-    return client.search_runs([experiment_id], f"tags.covidsearch_kind = '{kind}'")
-
-
-def _start(work: Path, *args: str) -> subprocess.Popen:
-    """A search in its own process group, as a user's terminal would run it."""
-    return subprocess.Popen([sys.executable, "-m", "covidsearch.cli", "run", *args], cwd=work, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def _wait_for(predicate, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for the search"
-        time.sleep(0.5)
-
 
 def _early_in_training(work: Path) -> Any | None:
     """A trial run that its worker is fitting and that has most of its epochs still ahead (a kill then lands on a
     trial in flight, not on one whose worker is answering or whose record the search is logging), or None."""
-    runs = _runs(work, "trial")
-    client = _store(work)[0] if runs else None
-    for run in runs:
+    trials = runs(work, "trial")
+    client = store(work)[0] if trials else None
+    for run in trials:
         if run.info.status == "RUNNING" and tracking.EPOCHS_TRAINED not in run.data.metrics:
             if 0 < len(client.get_metric_history(run.info.run_id, "loss")) <= 3:
                 return run
@@ -67,20 +36,20 @@ def _killable(work: Path, *args: str) -> list[str]:
 
 def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):
     args = _killable(workdir, "--data", str(xray_dir), "--max-trials", "3")
-    proc = _start(workdir, *args)
-    _wait_for(lambda: any(r.info.status == "FINISHED" for r in _runs(workdir, "trial")))
-    _wait_for(lambda: _early_in_training(workdir))
+    proc = start_search(workdir, *args)
+    wait_for(lambda: any(r.info.status == "FINISHED" for r in runs(workdir, "trial")))
+    wait_for(lambda: _early_in_training(workdir))
     os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker, as a preempted machine would
     proc.wait()
-    finished_before = {r.info.run_id for r in _runs(workdir, "trial") if r.info.status == "FINISHED"}
+    finished_before = {r.info.run_id for r in runs(workdir, "trial") if r.info.status == "FINISHED"}
 
     resumed = cli("run", *args, cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming search" in resumed.stderr
 
-    searches = _runs(workdir, "search")
+    searches = runs(workdir, "search")
     assert len(searches) == 1 and searches[0].info.status == "FINISHED"
-    trials = _runs(workdir, "trial")
+    trials = runs(workdir, "trial")
     statuses = sorted(r.info.status for r in trials)
     assert statuses.count("FINISHED") == 3 and "RUNNING" not in statuses
     assert statuses.count("KILLED") == 1  # the trial in flight, recorded and then run again
@@ -90,14 +59,14 @@ def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):
 
 
 def test_ctrl_c_records_the_trial_as_killed_and_prints_how_to_resume(xray_dir, workdir):
-    proc = _start(workdir, *_killable(workdir, "--data", str(xray_dir), "--max-trials", "3"))
-    _wait_for(lambda: _early_in_training(workdir))
+    proc = start_search(workdir, *_killable(workdir, "--data", str(xray_dir), "--max-trials", "3"))
+    wait_for(lambda: _early_in_training(workdir))
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "--resume" in stderr and "Traceback" not in stderr
-    assert {r.info.status for r in _runs(workdir, "trial")} <= {"KILLED", "FINISHED"}
-    assert [r.info.status for r in _runs(workdir, "search")] == ["KILLED"]
+    assert {r.info.status for r in runs(workdir, "trial")} <= {"KILLED", "FINISHED"}
+    assert [r.info.status for r in runs(workdir, "search")] == ["KILLED"]
 
 
 def _space(tmp: Path, text: str) -> Path:
@@ -126,7 +95,7 @@ def test_a_failing_trial_becomes_a_failed_run_and_the_search_goes_on(xray_dir, w
     space = _space(workdir, FAILING_SPACE % ("8, 0", "8", "0.001", "0.001"))
     result = cli("run", "--space", str(space), "--data", str(xray_dir), "--max-trials", "2", *SMALL, cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
-    trials = {r.data.params["filters"]: r for r in _runs(workdir, "trial")}
+    trials = {r.data.params["filters"]: r for r in runs(workdir, "trial")}
     assert trials["8"].info.status == "FINISHED"
     assert trials["0"].info.status == "FAILED" and "filters" in trials["0"].data.tags["error"].lower()
 
@@ -135,7 +104,7 @@ def test_nan_loss_fails_the_trial(xray_dir, workdir):
     space = _space(workdir, FAILING_SPACE % ("8", "8", "1e30", "1e30"))
     result = cli("run", "--space", str(space), "--data", str(xray_dir), "--max-trials", "1", *SMALL, cwd=workdir)
     assert result.returncode == 0
-    (run,) = _runs(workdir, "trial")
+    (run,) = runs(workdir, "trial")
     assert run.info.status == "FAILED" and "NaN" in run.data.tags["error"]
 
 
@@ -145,22 +114,22 @@ def test_consecutive_failures_stop_the_search_with_a_clear_message(xray_dir, wor
                  *SMALL, cwd=workdir)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("covidsearch: error: search stopped: 2 trials in a row")
-    assert [r.info.status for r in _runs(workdir, "trial")] == ["FAILED", "FAILED"]
-    assert [r.info.status for r in _runs(workdir, "search")] == ["FAILED"]
+    assert [r.info.status for r in runs(workdir, "trial")] == ["FAILED", "FAILED"]
+    assert [r.info.status for r in runs(workdir, "search")] == ["FAILED"]
 
 
 @pytest.mark.slow  # test_workers.py kills a long-lived worker in its second trial
 def test_a_worker_killed_mid_trial_is_a_failed_trial_not_a_failed_search(xray_dir, workdir):
-    proc = _start(workdir, *_killable(workdir, "--data", str(xray_dir), "--max-trials", "2"))
-    _wait_for(lambda: _early_in_training(workdir))
+    proc = start_search(workdir, *_killable(workdir, "--data", str(xray_dir), "--max-trials", "2"))
+    wait_for(lambda: _early_in_training(workdir))
     training = [pid for pid in _children(proc.pid) if _busy(pid)]
     assert training, "no worker process found"
     os.kill(training[0], signal.SIGKILL)  # what the kernel's out-of-memory killer does
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
-    statuses = sorted(r.info.status for r in _runs(workdir, "trial"))
+    statuses = sorted(r.info.status for r in runs(workdir, "trial"))
     assert statuses == ["FAILED", "FINISHED"]
-    failed = next(r for r in _runs(workdir, "trial") if r.info.status == "FAILED")
+    failed = next(r for r in runs(workdir, "trial") if r.info.status == "FAILED")
     assert "worker process died" in failed.data.tags["error"]
 
 
@@ -186,13 +155,13 @@ def _busy(pid: int) -> bool:
 def test_two_searches_on_one_store_at_once_both_finish(xray_dir, workdir):
     args = ["--data", str(xray_dir), "--max-trials", "2", "--max-epochs", "1", "--tuner", "random",
             "--test-per-class", "8", "--set", "input_size=32", "--quiet"]
-    first, second = _start(workdir, *args), _start(workdir, *args)  # the very same command, twice
+    first, second = start_search(workdir, *args), start_search(workdir, *args)  # the very same command, twice
     for proc in (first, second):
         _, stderr = proc.communicate(timeout=400)
         assert proc.returncode == 0, stderr[-2000:]
-    searches = _runs(workdir, "search")
+    searches = runs(workdir, "search")
     assert len(searches) == 2 and {s.info.status for s in searches} == {"FINISHED"}
-    client, experiment_id = _store(workdir)
+    client, experiment_id = store(workdir)
     for search in searches:
         trials = tracking.trial_runs(client, search.info.run_id)
         assert sorted(t.info.status for t in trials) == ["FINISHED", "FINISHED"]

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import cli
+from conftest import SMALL, cli, runs, start_search, store, wait_for
 from covidsearch import tracking, trial, workers
-from test_reliability import SMALL, _runs, _start, _store, _wait_for
 
 
 def test_a_worker_outlives_the_thread_that_started_it(workdir):
@@ -107,7 +106,7 @@ def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_r
 
 
 def _trials_by_id(work: Path) -> dict[str, Any]:
-    return {r.data.tags[tracking.TRIAL_ID]: r for r in _runs(work, "trial")}
+    return {r.data.tags[tracking.TRIAL_ID]: r for r in runs(work, "trial")}
 
 
 def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir):
@@ -115,7 +114,7 @@ def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir
     the fresh worker's first trial is, and each run says which process ran it."""
     result = cli("run", "--data", str(xray_dir), "--max-trials", "3", "--trials-per-worker", "2", *SMALL, cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
-    client, _ = _store(workdir)
+    client, _ = store(workdir)
     trials = _trials_by_id(workdir)
     assert sorted(trials) == ["0", "1", "2"] and {r.info.status for r in trials.values()} == {"FINISHED"}
     tags = {i: r.data.tags for i, r in trials.items()}
@@ -138,8 +137,9 @@ def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir
 def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
     """The worker that ran trial 0 is killed while it trains trial 1: trial 1 fails, and trial 2 runs in a fresh
     worker (the standby) and finishes."""
-    proc = _start(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "4", *SMALL[4:])
-    _wait_for(lambda: (lambda t: t.get("0") is not None and t["0"].info.status == "FINISHED" and "1" in t)(
+    proc = start_search(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "4",
+                        *SMALL[4:])
+    wait_for(lambda: (lambda t: t.get("0") is not None and t["0"].info.status == "FINISHED" and "1" in t)(
         _trials_by_id(workdir)))
     pid = int(_trials_by_id(workdir)["0"].data.tags[tracking.WORKER_PID])
     os.kill(pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
