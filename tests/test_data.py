@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tracemalloc
 import shutil
 import subprocess
@@ -151,22 +152,22 @@ def test_bad_files_are_skipped_and_listed_and_good_files_remain(tmp_path):
                        "Viral Pneumonia/notes.txt": "not an image"}
 
 
-def refuse(monkeypatch: pytest.MonkeyPatch, method: str, locked: Path) -> None:
-    """Make Path.<method> refuse `locked` as the OS refuses a user without permission (the tests run as root,
-    which may read anything)."""
-    real = getattr(Path, method)
+def refuse(monkeypatch: pytest.MonkeyPatch, owner: object, method: str, locked: Path) -> None:
+    """Make `owner.method` (Path.read_bytes, os.scandir, ...) refuse `locked` as the OS refuses a user without
+    permission (the tests run as root, which may read anything)."""
+    real = getattr(owner, method)
 
-    def guarded(self: Path):
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
-    monkeypatch.setattr(Path, method, guarded)
+    def guarded(path, *args):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)
+    monkeypatch.setattr(owner, method, guarded)
 
 
 def test_a_file_i_may_not_read_is_skipped_and_listed_and_read_again_once_allowed(tmp_path, monkeypatch):
     make_classes(tmp_path, 3)
     locked = tmp_path / "NORMAL" / "001.png"
-    refuse(monkeypatch, "read_bytes", locked)
+    refuse(monkeypatch, Path, "read_bytes", locked)
 
     dataset = data.scan(tmp_path, cache_dir=tmp_path / "cache")
     assert dataset.skipped == [(str(locked), "cannot read the file: Permission denied")]
@@ -179,7 +180,8 @@ def test_a_file_i_may_not_read_is_skipped_and_listed_and_read_again_once_allowed
 def test_a_folder_i_may_not_read_is_a_one_line_error_naming_it(tmp_path, monkeypatch, folder):
     make_classes(tmp_path, 3)
     locked = tmp_path / folder  # a class folder, or the data folder itself
-    refuse(monkeypatch, "iterdir", locked)
+    for owner, listing in ((Path, "iterdir"), (os, "scandir")):  # every way to list it
+        refuse(monkeypatch, owner, listing, locked)
     with pytest.raises(data.DataError) as err:
         data.scan(tmp_path)
     assert str(err.value) == f"cannot read folder {locked}: Permission denied"
