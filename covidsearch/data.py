@@ -143,7 +143,7 @@ def _parallel(fn: Callable[[T], R], items: list[T], workers: int | None, report:
 def _class_dir(root: Path, name: str) -> tuple[Path, str] | None:
     """Find a class's image folder in the tutorial layout or the Kaggle layout (images/, not masks/)."""
     for alias in CLASS_ALIASES.get(name, (name,)):
-        for base in (root, *(p for p in _listing(root) if p.is_dir())):
+        for base in (root, *(Path(e.path) for e in _entries(root) if e.is_dir())):
             candidate = base / alias
             if (candidate / "images").is_dir():
                 return candidate / "images", "kaggle"
@@ -152,10 +152,12 @@ def _class_dir(root: Path, name: str) -> tuple[Path, str] | None:
     return None
 
 
-def _listing(folder: Path) -> list[Path]:
-    """A folder's entries in a stable order, or a one-line error naming the folder that cannot be read."""
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries in a stable order (by name), each with its type from the listing (no call to the file
+    system per entry, for the release's 21,165 files), or a one-line error naming the folder that cannot be read."""
     try:
-        return sorted(folder.iterdir())
+        with os.scandir(folder) as listing:
+            return sorted(listing, key=lambda e: e.name)
     except OSError as err:
         raise DataError(f"cannot read folder {folder}: {err.strerror or err}") from None
 
@@ -178,15 +180,9 @@ def _link_problem(link: Path, folder: Path) -> str | None:
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """A class folder's files, and its symbolic links that lead nowhere usable with why; subfolders are not scanned,
-    so a link back up the tree cannot make the scan loop. The entries' types come with the listing (no call to the
-    file system for each of the release's 21,165 files)."""
-    try:
-        with os.scandir(folder) as listing:
-            entries = sorted(listing, key=lambda e: e.name)
-    except OSError as err:
-        raise DataError(f"cannot read folder {folder}: {err.strerror or err}") from None
+    so a link back up the tree cannot make the scan loop."""
     files, skipped = [], []
-    for entry in entries:
+    for entry in _entries(folder):
         p = Path(entry.path)
         problem = _link_problem(p, folder) if entry.is_symlink() else None
         if problem:

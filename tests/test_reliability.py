@@ -14,6 +14,7 @@ import pytest
 from conftest import SMALL, cli, runs, start_search, store, wait_for
 from covidsearch import tracking
 
+
 def _early_in_training(work: Path) -> Any | None:
     """A trial run that its worker is fitting and that has most of its epochs still ahead (a kill then lands on a
     trial in flight, not on one whose worker is answering or whose record the search is logging), or None."""
