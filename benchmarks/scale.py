@@ -6,7 +6,9 @@ keep its proportions), then measures at --sizes (default 2,800, 10,000 and 21,16
 a fresh process so its peak memory (VmHWM) is its own:
   decode    every file decoded once at 299 px RGB on every core, nothing kept: the limit of a scan
   scan      covidsearch's scan of a new dataset with a new cache (check, hash, fill the 299 px cache),
-            as its ratio to decode (target <= 1.3x), with the progress it prints
+            as its ratio to decode (target <= 1.3x), with the progress it prints; decode and scan
+            alternate for --scan-rounds rounds (default 3), and the ratio is the median of the rounds'
+            ratios, since on a shared machine either one alone moves by a fifth between runs
   leakage   the split and the exact near-duplicate check across its splits (target <= 60 s)
   epoch     one covidsearch search of one 1-epoch trial at 299 px, four classes: trial time, the
             trial's peak memory beyond the same trial on 400 images, against the bytes of the pixels
@@ -18,7 +20,7 @@ and, on the smallest size, promotes the 4-class search's trial and writes its re
 synthetic (a body, two lungs, a random smooth field per image so that no two are near duplicates), not
 X-rays: what is measured is the cost of the data path, not a model's quality. Figures are printed:
 
-    .venv/bin/python benchmarks/scale.py [--dir /tmp/covidsearch-scale] [--sizes 2800 10000 21165]
+    .venv/bin/python benchmarks/scale.py [--dir /tmp/covidsearch-scale] [--sizes 2800 10000 21165] [--scan-rounds 3]
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/covidsearch-scale")
     parser.add_argument("--sizes", nargs="+", type=int, default=[2800, 10000, 21165])
+    parser.add_argument("--scan-rounds", type=int, default=3, help="decode and scan in turn, this many times a size")
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
@@ -200,10 +204,12 @@ def main() -> None:
                  "epoch": lambda: step_epoch(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]))}
         print(json.dumps(steps[name]()))
         return
-    report(Path(args.dir), sorted(args.sizes))
+    if args.scan_rounds < 1:
+        parser.error("--scan-rounds: at least 1")
+    report(Path(args.dir), sorted(args.sizes), args.scan_rounds)
 
 
-def report(work: Path, sizes: list[int]) -> None:
+def report(work: Path, sizes: list[int], scan_rounds: int) -> None:
     print(f"machine: {os.cpu_count()} cores; images {SIZE} px, classes {', '.join(CLASSES)}")
     started = time.perf_counter()
     roots = {n: generate(work, n) for n in [FEW, *sizes]}
@@ -212,19 +218,26 @@ def report(work: Path, sizes: list[int]) -> None:
     few = child("epoch", str(roots[FEW]), *_fresh(work, FEW), "1")
     print(f"baseline: a process with TensorFlow, Keras Tuner and MLflow imported peaks at {base:.0f} MB; "
           f"a 1-epoch trial on {FEW} images peaks at {few['worker_peak_mb'][0]:.0f} MB")
-    print(f"\n{'images':>7} {'decode s':>9} {'scan s':>7} {'ratio':>6} {'leak s':>7} {'near':>5} {'epoch s':>8} "
-          f"{'trial MB':>9} {'pixel MB':>9} {'x pixels':>8} {'search MB':>10} {'ms/img scan':>12} {'ms/img epoch':>13}")
+    rows = []
     for n in sizes:
-        cache, store = _fresh(work, n)
-        decoded = child("decode", str(roots[n]))
-        scanned = child("scan", str(roots[n]), str(cache))
+        decoded, scanned, cache, store = _scan_rounds(work, roots[n], n, scan_rounds)
         leak = child("leakage", str(roots[n]), str(cache))
         epoch = child("epoch", str(roots[n]), str(cache), str(store), "1")
+        rows.append((n, decoded, scanned, leak, epoch))
+    print(f"\n{'images':>7} {'decode s':>9} {'scan s':>7} {'ratio':>6} {'leak s':>7} {'near':>5} {'epoch s':>8} "
+          f"{'trial MB':>9} {'pixel MB':>9} {'x pixels':>8} {'search MB':>10} {'scan ms/img':>12} "
+          f"{'epoch ms/img':>13} {'trial KB/img':>13}")
+    for n, decoded, scanned, leak, epoch in rows:
         trial_mb = epoch["worker_peak_mb"][0] - few["worker_peak_mb"][0]
-        print(f"{n:>7,} {decoded['seconds']:>9.1f} {scanned['seconds']:>7.1f} {scanned['seconds'] / decoded['seconds']:>6.2f} "
+        ratio = statistics.median(s / d for d, s in zip(decoded, scanned))
+        print(f"{n:>7,} {statistics.median(decoded):>9.1f} {statistics.median(scanned):>7.1f} {ratio:>6.2f} "
               f"{leak['seconds']:>7.1f} {leak['near']:>5} {epoch['trial_seconds'][0]:>8.1f} {trial_mb:>9.0f} "
               f"{epoch['pixel_mb']:>9.0f} {trial_mb / epoch['pixel_mb']:>8.2f} {epoch['search_peak_mb'] - base:>10.0f} "
-              f"{1000 * scanned['seconds'] / n:>12.2f} {1000 * epoch['trial_seconds'][0] / n:>13.2f}")
+              f"{1000 * statistics.median(scanned) / n:>12.2f} {1000 * epoch['trial_seconds'][0] / n:>13.2f} "
+              f"{1024 * trial_mb / n:>13.1f}")
+    print("\nscan / decode by round (decode s, scan s, ratio), the ratio above their median:")
+    for n, decoded, scanned, _, _ in rows:
+        print(f"{n:>7,}  " + "; ".join(f"{d:.1f} {s:.1f} {s / d:.2f}" for d, s in zip(decoded, scanned)))
     largest = sizes[-1]
     pair = child("epoch", str(roots[largest]), str(work / f"cache-{largest}"), str(work / f"pair-{largest}"), "2")
     print(f"\ntwo trials at once on {largest:,} images: {pair['statuses']}, worker peaks "
@@ -232,6 +245,17 @@ def report(work: Path, sizes: list[int]) -> None:
           + f" (memory-mapped pixels are shared), lowest MemAvailable {pair['lowest_available_mb']:.0f} MB")
     four = child("epoch", str(roots[sizes[0]]), str(work / f"cache-{sizes[0]}"), str(work / "four"), "1")
     _four_classes(four)
+
+
+def _scan_rounds(work: Path, root: Path, n: int, rounds: int) -> tuple[list[float], list[float], Path, Path]:
+    """Decode, then scan into a new cache, `rounds` times in turn: their seconds, and the last round's cache and an
+    empty store for the steps after."""
+    decoded, scanned = [], []
+    for _ in range(rounds):
+        cache, store = _fresh(work, n)
+        decoded.append(child("decode", str(root))["seconds"])
+        scanned.append(child("scan", str(root), str(cache))["seconds"])
+    return decoded, scanned, cache, store
 
 
 def _fresh(work: Path, n: int) -> tuple[Path, Path]:

@@ -315,10 +315,9 @@ def _tracking_overhead(rounds: list[dict[str, Side]]) -> None:
               f"{'MET' if median <= TRACKING_TARGET else 'NOT MET'})")
     from covidsearch import tracking
 
-    on_path = (tracking.PART_MLFLOW, tracking.PART_MODEL)  # the parts that the no-logging side does not do
-    timed = [(sum(t.parts.get(part, 0.0) for t in s["covidsearch"].trials for part in on_path),
+    timed = [(sum(t.parts.get(tracking.PART_MLFLOW, 0.0) for t in s["covidsearch"].trials),  # no-logging: none
               sum(t.parts.get(RECORDER, 0.0) for t in s["covidsearch"].trials), s["covidsearch"].wall) for s in rounds]
-    print("as the trials timed it: MLflow calls and the model's save on the trials' path "
+    print("as the trials timed it: MLflow calls on the trials' path "
           + ", ".join(f"{path:.1f} s ({path / wall:.1%})" for path, _, wall in timed) + " of the search's wall time; "
           "the search's recorder beside the next trial " + ", ".join(f"{off:.1f} s" for _, off, _ in timed))
 

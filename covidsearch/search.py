@@ -22,7 +22,7 @@ from .metrics import maximise
 from .oracles import TUNERS, make_oracle
 from .progress import Progress, clock
 from .tuner import Tuner
-from .workers import MAX_GROWTH, TRIALS_PER_WORKER, Pool
+from .workers import MAX_GROWTH, TRIALS_PER_WORKER, Pool, settle
 
 
 @dataclass
@@ -229,6 +229,7 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, pools: list[Pool], dire
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, search_run_id, pools, str(directory), project_name,
                   s.progress, recorder.Recorder(s.client, search_run_id, s.settings["objective"], s.progress))
     tuner.oracle.max_trials = max_trials
+    settle()  # what is alive now lives for the whole search
     return tuner
 
 

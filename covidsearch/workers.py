@@ -229,7 +229,7 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
 
         from . import trial
     keras.ops.convert_to_tensor(np.zeros(1))  # start the accelerator runtime while still on standby
-    _settle()
+    settle()
     served = 0
     while True:
         try:
@@ -238,7 +238,7 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
             _exit()
         if isinstance(task, Warm):
             trial.rehearse(task.tracking_uri)
-            _settle()
+            settle()
             continue
         waited, served = max(0.0, time.time() - task.sent), served + 1
         reply = _answer(trial, task)
@@ -287,9 +287,10 @@ def _freed_variables() -> Iterator[None]:
                                         validate_shape=False)
 
 
-def _settle() -> None:
+def settle() -> None:
     """Collect garbage, then exempt what is alive from later collections: the module state of TensorFlow, Keras and
-    MLflow is a million objects, which every full collection would walk again (0.3 s after each trial)."""
+    MLflow is a million objects, which every full collection would walk again (0.3 s each, in a worker after each
+    trial, in the search process while its recorder draws a trial's figures, holding the GIL)."""
     gc.collect()
     gc.freeze()
 
