@@ -22,7 +22,7 @@ from .metrics import maximise
 from .oracles import TUNERS, make_oracle
 from .progress import Progress, clock
 from .tuner import Tuner
-from .workers import MAX_GROWTH, TRIALS_PER_WORKER, Pool, settle
+from .workers import MAX_GROWTH, TRIALS_PER_WORKER, Pool, settled
 
 
 @dataclass
@@ -229,7 +229,6 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, pools: list[Pool], dire
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, search_run_id, pools, str(directory), project_name,
                   s.progress, recorder.Recorder(s.client, search_run_id, s.settings["objective"], s.progress))
     tuner.oracle.max_trials = max_trials
-    settle()  # what is alive now lives for the whole search
     return tuner
 
 
@@ -323,7 +322,8 @@ def run(opts: Options) -> Result:
         s.progress.deadline = time.monotonic() + left
         s.progress.say(f"budget: {clock(left)} of {clock(s.budget)} left")
     try:
-        _search(tuner, opts, s.progress)
+        with settled():  # what is alive now lives for the whole search
+            _search(tuner, opts, s.progress)
     except KeyboardInterrupt:
         _close(pools)
         tuner.recorder.close()
@@ -399,7 +399,8 @@ def work(opts: Options) -> WorkerResult:
     pools = [Pool(opts.trials_per_worker, max_growth=opts.max_worker_growth)]
     tuner = _tuner(s, opts, search_run_id, pools, directory, project_name)
     try:
-        tuner.search(verbose=0)
+        with settled():
+            tuner.search(verbose=0)
     except KeyboardInterrupt:
         _close(pools)
         tuner.recorder.close()

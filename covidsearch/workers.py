@@ -295,6 +295,18 @@ def settle() -> None:
     gc.freeze()
 
 
+@contextlib.contextmanager
+def settled() -> Iterator[None]:
+    """settle() for a block of a process that outlives it (the search's may be a user's notebook): what was alive
+    at its start can be collected again once it ends, so that one search after another does not keep each one's
+    objects for good."""
+    settle()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _exit() -> NoReturn:
     """End at once: the worker has answered its last trial and holds nothing to save, and the interpreter's
     teardown of TensorFlow takes seconds that the search would wait for."""

@@ -134,6 +134,21 @@ def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir
                                                  tracking.PART_FIGURES, tracking.PART_MLFLOW)} == parts
 
 
+def test_a_search_run_from_python_gives_the_callers_garbage_collector_back_as_it_found_it(xray_dir, workdir):
+    """The search exempts what is alive from garbage collection while it runs (its figures would otherwise set off
+    collections of TensorFlow's objects); a notebook that runs one search after another must get those objects
+    back, or every search's tuner and records would stay in its memory for good."""
+    import gc
+
+    from covidsearch import search
+
+    frozen = gc.get_freeze_count()
+    result = search.run(search.Options(data=str(xray_dir), tuner="random", max_trials=1, max_epochs=1,
+                                       test_per_class=8, sets=["input_size=32"], progress="off"))
+    assert result.trials == 1 and result.best_run_id is not None
+    assert gc.get_freeze_count() == frozen
+
+
 def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
     """The worker that ran trial 0 is killed while it trains trial 1: trial 1 fails, and trial 2 runs in a fresh
     worker (the standby) and finishes."""
