@@ -230,10 +230,11 @@ def report(work: Path, sizes: list[int], scan_rounds: int) -> None:
     for n, decoded, scanned, leak, epoch in rows:
         trial_mb = epoch["worker_peak_mb"][0] - few["worker_peak_mb"][0]
         ratio = statistics.median(s / d for d, s in zip(decoded, scanned))
-        print(f"{n:>7,} {statistics.median(decoded):>9.1f} {statistics.median(scanned):>7.1f} {ratio:>6.2f} "
+        scan = statistics.median(scanned)
+        print(f"{n:>7,} {statistics.median(decoded):>9.1f} {scan:>7.1f} {ratio:>6.2f} "
               f"{leak['seconds']:>7.1f} {leak['near']:>5} {epoch['trial_seconds'][0]:>8.1f} {trial_mb:>9.0f} "
               f"{epoch['pixel_mb']:>9.0f} {trial_mb / epoch['pixel_mb']:>8.2f} {epoch['search_peak_mb'] - base:>10.0f} "
-              f"{1000 * statistics.median(scanned) / n:>12.2f} {1000 * epoch['trial_seconds'][0] / n:>13.2f} "
+              f"{1000 * scan / n:>12.2f} {1000 * epoch['trial_seconds'][0] / n:>13.2f} "
               f"{1024 * trial_mb / n:>13.1f}")
     print("\nscan / decode by round (decode s, scan s, ratio), the ratio above their median:")
     for n, decoded, scanned, _, _ in rows:

@@ -203,7 +203,7 @@ def run_plain(args: argparse.Namespace, work: Path) -> Side:
     found = json.loads(out.read_text())
     ends = [found["started"], *(row["end"] for row in found["trials"])]
     return Side("plain", wall, cpu, [Trial(row["values"], ends[i + 1] - ends[i], row["epochs"])
-                                for i, row in enumerate(found["trials"])])
+                                     for i, row in enumerate(found["trials"])])
 
 
 def _sets(args: argparse.Namespace) -> list[str]:
@@ -391,9 +391,9 @@ def main() -> None:
         print(f"pixel cache filled for {', '.join(map(str, SIZES))} px in {time.perf_counter() - started:.0f} s",
               file=sys.stderr)
         rounds = []
+        order = [name for name in SIDES if name in args.sides]
         for i in range(args.rounds):
             sides = {}
-            order = [name for name in SIDES if name in args.sides]
             for name in order if i % 2 == 0 else order[::-1]:  # alternated, so a drift of the machine's speed cancels
                 work = Path(tmp) / f"round{i + 1}-{name}"
                 work.mkdir()
