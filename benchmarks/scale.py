@@ -8,7 +8,8 @@ a fresh process so its peak memory (VmHWM) is its own:
   scan      covidsearch's scan of a new dataset with a new cache (check, hash, fill the 299 px cache),
             as its ratio to decode (target <= 1.3x), with the progress it prints; decode and scan
             alternate for --scan-rounds rounds (default 3), and the ratio is the median of the rounds'
-            ratios, since on a shared machine either one alone moves by a fifth between runs
+            ratios, since on a shared machine either one alone moves by a fifth between runs; the
+            ratio of their CPU seconds (all threads) is printed beside it, the work each one does
   leakage   the split and the exact near-duplicate check across its splits (target <= 60 s)
   epoch     one covidsearch search of one 1-epoch trial at 299 px, four classes: trial time, the
             trial's peak memory beyond the same trial on 400 images, against the bytes of the pixels
@@ -104,19 +105,21 @@ def _peak_mb() -> float:
 
 def step_decode(root: Path) -> dict:
     files = sorted(str(p) for p in root.rglob("*.png"))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for _ in pool.map(lambda f: data.decode(f, SIZE, "rgb"), files, chunksize=16):
             pass
-    return {"seconds": time.perf_counter() - started, "images": len(files), "peak_mb": _peak_mb()}
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, "images": len(files),
+            "peak_mb": _peak_mb()}
 
 
 def step_scan(root: Path, cache: Path) -> dict:
     from covidsearch.progress import Progress
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     dataset = data.scan(root, CLASSES, cache, sizes=[(SIZE, "rgb")], report=Progress("plain", 1, "").counter("scan"))
-    return {"seconds": time.perf_counter() - started, "images": len(dataset.samples), "peak_mb": _peak_mb()}
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+            "images": len(dataset.samples), "peak_mb": _peak_mb()}
 
 
 def step_leakage(root: Path, cache: Path) -> dict:
@@ -229,16 +232,20 @@ def report(work: Path, sizes: list[int], scan_rounds: int) -> None:
           f"{'epoch ms/img':>13} {'trial KB/img':>13}")
     for n, decoded, scanned, leak, epoch in rows:
         trial_mb = epoch["worker_peak_mb"][0] - few["worker_peak_mb"][0]
-        ratio = statistics.median(s / d for d, s in zip(decoded, scanned))
-        scan = statistics.median(scanned)
-        print(f"{n:>7,} {statistics.median(decoded):>9.1f} {scan:>7.1f} {ratio:>6.2f} "
+        ratio = statistics.median(s["seconds"] / d["seconds"] for d, s in zip(decoded, scanned))
+        scan = statistics.median(s["seconds"] for s in scanned)
+        print(f"{n:>7,} {statistics.median(d['seconds'] for d in decoded):>9.1f} {scan:>7.1f} {ratio:>6.2f} "
               f"{leak['seconds']:>7.1f} {leak['near']:>5} {epoch['trial_seconds'][0]:>8.1f} {trial_mb:>9.0f} "
               f"{epoch['pixel_mb']:>9.0f} {trial_mb / epoch['pixel_mb']:>8.2f} {epoch['search_peak_mb'] - base:>10.0f} "
               f"{1000 * scan / n:>12.2f} {1000 * epoch['trial_seconds'][0] / n:>13.2f} "
               f"{1024 * trial_mb / n:>13.1f}")
-    print("\nscan / decode by round (decode s, scan s, ratio), the ratio above their median:")
+    print("\nscan / decode by round (decode s, scan s, ratio), the ratio above their median; then in CPU seconds of "
+          "all their threads (the work, which the machine's changing speed moves less than the clock):")
     for n, decoded, scanned, _, _ in rows:
-        print(f"{n:>7,}  " + "; ".join(f"{d:.1f} {s:.1f} {s / d:.2f}" for d, s in zip(decoded, scanned)))
+        for unit in ("seconds", "cpu"):
+            print(f"{n:>7,} {unit:<8} " + "; ".join(f"{d[unit]:.1f} {s[unit]:.1f} {s[unit] / d[unit]:.2f}"
+                                                     for d, s in zip(decoded, scanned))
+                  + f"; median {statistics.median(s[unit] / d[unit] for d, s in zip(decoded, scanned)):.2f}")
     largest = sizes[-1]
     pair = child("epoch", str(roots[largest]), str(work / f"cache-{largest}"), str(work / f"pair-{largest}"), "2")
     print(f"\ntwo trials at once on {largest:,} images: {pair['statuses']}, worker peaks "
@@ -248,14 +255,14 @@ def report(work: Path, sizes: list[int], scan_rounds: int) -> None:
     _four_classes(four)
 
 
-def _scan_rounds(work: Path, root: Path, n: int, rounds: int) -> tuple[list[float], list[float], Path, Path]:
-    """Decode, then scan into a new cache, `rounds` times in turn: their seconds, and the last round's cache and an
-    empty store for the steps after."""
+def _scan_rounds(work: Path, root: Path, n: int, rounds: int) -> tuple[list[dict], list[dict], Path, Path]:
+    """Decode, then scan into a new cache, `rounds` times in turn: their wall and CPU seconds, and the last round's
+    cache and an empty store for the steps after."""
     decoded, scanned = [], []
     for _ in range(rounds):
         cache, store = _fresh(work, n)
-        decoded.append(child("decode", str(root))["seconds"])
-        scanned.append(child("scan", str(root), str(cache))["seconds"])
+        decoded.append(child("decode", str(root)))
+        scanned.append(child("scan", str(root), str(cache)))
     return decoded, scanned, cache, store
 
 

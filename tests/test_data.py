@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tracemalloc
 import shutil
@@ -247,6 +248,19 @@ def test_every_file_is_checked_once(tmp_path, monkeypatch):
     first = data.scan(tmp_path, cache_dir=tmp_path / "cache")
     again = data.scan(tmp_path, cache_dir=tmp_path / "cache")
     assert len(checked) == 12 and again.samples == first.samples
+
+
+def test_a_scan_index_of_an_older_hash_is_checked_again(tmp_path):
+    """Difference hashes of two versions do not compare: files an older covidsearch indexed are hashed anew."""
+    make_classes(tmp_path / "data", 4)
+    first = data.scan(tmp_path / "data", cache_dir=tmp_path / "cache")
+    keys = data._file_keys([Path(s.path) for s in first.samples])
+    older = {keys[Path(s.path)]: [s.sha256, "0" * 64, s.gray] for s in first.samples}
+    (tmp_path / "cache" / "scan.json").write_text(json.dumps(older))  # the first version's index: file key -> result
+
+    again = data.scan(tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert again.samples == first.samples
+    assert all(s.dhash == data._dhash(Image.open(s.path).convert("L")) for s in again.samples)
 
 
 def test_dataset_problems_are_one_line_errors(tmp_path):
