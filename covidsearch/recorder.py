@@ -32,9 +32,10 @@ ARRAYS, RECORD = "figures.npz", "record.json"  # the files of a pending record
 
 def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
           test_probs: np.ndarray, history: dict[str, list[float]], val_epochs: list[dict[str, float]],
-          first_epoch: int, seed: int) -> None:
+          first_epoch: int, seed: int, closing: dict[str, float]) -> None:
     """The trial's pending record, whole or not at all: written aside, then renamed into place. The model is the
-    trial's saved .keras file (its checkpoint), named, not copied."""
+    trial's saved .keras file (its checkpoint), named, not copied; `closing` (epochs trained, best epoch's metrics,
+    setup seconds) is logged with the test scores, in one call off the trial's path."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -43,22 +44,24 @@ def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifie
     record = {"run_id": run_id, "classes": served.classes, "size": served.size, "color_mode": served.color_mode,
               "threshold": served.threshold, "target": served.target, "first_epoch": first_epoch, "seed": seed,
               "history": {k: [float(v) for v in values] for k, values in history.items()},
-              "val_epochs": val_epochs, "requirements": serving.requirements(), "keras_file": str(keras_file)}
+              "val_epochs": val_epochs, "requirements": serving.requirements(), "keras_file": str(keras_file),
+              "closing": closing}
     (partial / RECORD).write_text(json.dumps(record))
     shutil.rmtree(folder, ignore_errors=True)  # a record an earlier attempt of this trial left
     os.replace(partial, folder)
 
 
 def log_pending(client: MlflowClient, folder: Path) -> None:
-    """A pending record logged to its run: the test scores with their bootstrap intervals and the confusion
-    table, the model, the figures, and the seconds that took."""
+    """A pending record logged to its run: the trial's closing metrics, the test scores with their bootstrap
+    intervals and the confusion table, the model, the figures, and the seconds that took."""
     started = time.perf_counter()
     record = json.loads((folder / RECORD).read_text())
     run_id, classes = record["run_id"], record["classes"]
     with np.load(folder / ARRAYS) as arrays:
         y_test, test_probs = arrays["y_test"], arrays["test_probs"]
         cams = plots.Cams(arrays["images"], arrays["heatmaps"], arrays["labels"], arrays["probs"])
-    scores = {f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()}
+    scores = {**record.get("closing", {}),  # absent from a record an older worker wrote: it logged them itself
+              **{f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()}}
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
     client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)

@@ -542,6 +542,7 @@ class TrialRecord:
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.parts: dict[str, float] = {}  # seconds by part of the trial (SETUP names)
+        self._epochs: list[Any] = []  # MLflow's RunOperations of the epochs logged in the background
         self._lapped, self._charged = time.perf_counter(), 0.0  # the last lap; seconds since charged by calls
         with self._timed(PART_MLFLOW):
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
@@ -569,8 +570,15 @@ class TrialRecord:
         return {f"{SETUP}{part}": seconds for part, seconds in parts.items()}
 
     def log_epoch(self, values: dict[str, float], step: int) -> None:
+        """An epoch's metrics, written by MLflow's background thread: the next epoch does not wait for the store."""
         with self._timed(PART_MLFLOW):
-            self.client.log_batch(self.run_id, metrics=metrics(values, step))
+            self._epochs.append(self.client.log_batch(self.run_id, metrics=metrics(values, step), synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until every epoch logged is in the store, so the run ends with all of them (a failed write raises)."""
+        with self._timed(PART_MLFLOW):
+            while self._epochs:
+                self._epochs.pop(0).wait()
 
     def log_metrics(self, values: dict[str, float]) -> None:
         with self._timed(PART_MLFLOW):

@@ -80,7 +80,7 @@ def rehearse(tracking_uri: str) -> None:
         models.save(model, Path(tmp) / tracking.KERAS_FILE)
         recorder.write(Path(tmp) / tracking.PENDING, "", Path(tmp) / tracking.KERAS_FILE,
                        serving.Classifier.of(model, classes), plots.cams(model, images, labels, probs), labels, probs,
-                       {"loss": [1.0]}, [{"val_loss": 1.0}], 0, 0)
+                       {"loss": [1.0]}, [{"val_loss": 1.0}], 0, 0, {})
     keras.backend.clear_session()
 
 
@@ -117,12 +117,13 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     keras_file = Path(spec.trial_dir) / tracking.KERAS_FILE  # its checkpoint: logged, and continued by Hyperband
     models.save(model, keras_file)
     record.lap(tracking.PART_MODEL)
-    record.log_metrics({tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
-                        "trial_seconds": time.perf_counter() - started,
-                        **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
-                        **{f"{tracking.BEST}{k}": v for k, v in best.items()}})
+    record.flush()
+    closing = {tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
+               "trial_seconds": time.perf_counter() - started,
+               **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
+               **{f"{tracking.BEST}{k}": v for k, v in best.items()}}
     recorder.write(Path(spec.trial_dir) / tracking.PENDING, spec.run_id, keras_file, served, cams, y_test, test_probs,
-                   history, validation.epochs, spec.initial_epoch, plan.seed)
+                   history, validation.epochs, spec.initial_epoch, plan.seed, closing)
     return best
 
 
