@@ -24,7 +24,6 @@ from .metrics import confusion
 from .tracking import FIGURE_FILES
 
 DPI = 100
-TICK_POINTS = 10  # matplotlib's tick label size ("medium")
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 NOT_SET = -0.1  # parallel-coordinates position of a hyperparameter a trial does not have
 TILE, TILE_TITLE, TILE_GAP = 2.0, 0.5, 0.2  # inches: a Grad-CAM image, the two-line title over it, the gap beside it
@@ -72,9 +71,9 @@ def _margins(fig: Figure, left: float, right: float, bottom: float, top: float, 
             "wspace": gap / axes}
 
 
-def _inches(texts: list[str], points: float) -> float:
-    """The widest of these texts in inches at this font size, as tick labels are drawn."""
-    font = FontProperties(size=points)
+def _inches(texts: list[str]) -> float:
+    """The widest of these texts in inches, drawn as tick labels are."""
+    font = FontProperties(size=matplotlib.rcParams["ytick.labelsize"])
     return max(text_to_path.get_text_width_height_descent(t, font, ismath=False)[0] for t in texts) / 72
 
 
@@ -92,7 +91,7 @@ def confusion_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     matrix = confusion(np.asarray(labels, dtype=np.int64), np.asarray(probs))
     rows = matrix.sum(1, keepdims=True)
     rates = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
-    label = _inches(classes, TICK_POINTS)
+    label = _inches(classes)
     fig = Figure(figsize=(10, 4.6))
     fig.suptitle("Test confusion matrix")
     grid = _margins(fig, left=label + 0.55, right=0.15, bottom=0.27 * label + 0.6, top=0.8, gap=label + 0.55,

@@ -69,11 +69,14 @@ def _worker_trial(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[Mlflo
 def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
     """Ctrl-C just as a trial ends: had the worker ended its run FINISHED itself, the store would hold a FINISHED
     trial that the search never got (and ran again on resume). The worker leaves it RUNNING; the search ends it."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
     client, search_id, run_id, reply = _worker_trial(xray_dir, workdir, workdir)
     assert reply.error is None and "val_loss" in reply.metrics
     assert client.get_run(run_id).info.status == "RUNNING"  # recorded in full, not yet claimed as done
     assert tracking.trial_result(client, search_id, "0") is None  # a resume would run it: nothing FINISHED
-    tracking.finish_trial(client, run_id)
+    assert recorder.finish(client, run_id, workdir / tracking.PENDING, Progress("off", 1, "val_loss"))  # as the search
     assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # a resume would not
 
 
