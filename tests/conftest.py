@@ -69,11 +69,15 @@ def runs(work: Path, kind: str) -> list:
 
 
 def start_search(work: Path, *args: str):
-    """`covidsearch run` in its own process group, as a user's terminal would run it, not waited for."""
+    """`covidsearch run` in its own process group, as a user's terminal would run it, not waited for. Ctrl-C reaches
+    it as at a terminal even when the tests run as a background job (`make test &`), which starts every process with
+    SIGINT ignored and would leave the Ctrl-C test a search that runs to its end."""
+    import signal
     import subprocess
 
     return subprocess.Popen([sys.executable, "-m", "covidsearch.cli", "run", *args], cwd=work, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(predicate, timeout: float = 300) -> None:
