@@ -94,27 +94,38 @@ def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress) 
 
 
 class Recorder:
-    """The search process's one thread that logs the trials' pending records, in the order they came."""
+    """The search process's one thread that logs the trials' pending records, in the order they came. A record is
+    held until the search has handed its next trial to a worker (`release`): logged at once, it would take the
+    interpreter lock from the search's own thread, in slices, while that thread creates the next trial's run and
+    sends it, and the worker would wait."""
 
     def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress):
         self.client, self.search_run_id, self.objective, self.progress = client, search_run_id, objective, progress
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
                                           initializer=_yield_to_training)
+        self._held: list[tuple[str, Path]] = []
         self._queued: list[Future] = []
         self._lock = threading.Lock()
 
-    def submit(self, run_id: str, folder: Path) -> None:
-        """Log the trial's pending record in the background; its run ends FINISHED once it is in."""
+    def hold(self, run_id: str, folder: Path) -> None:
+        """Keep the trial's pending record until `release`; its run ends FINISHED once it is logged."""
         with self._lock:
+            self._held.append((run_id, folder))
+
+    def release(self) -> None:
+        """Log the records held so far, in the background: the search has sent its next trial, or has none to send."""
+        with self._lock:
+            held, self._held = self._held, []
             self._queued = [f for f in self._queued if not f.done()]
-            self._queued.append(self._thread.submit(self._record, run_id, folder))
+            self._queued += [self._thread.submit(self._record, run_id, folder) for run_id, folder in held]
 
     def _record(self, run_id: str, folder: Path) -> None:
         if finish(self.client, run_id, folder, self.progress):
-            tracking.record_best(self.client, self.search_run_id, self.objective)
+            tracking.note_best(self.client, self.search_run_id, self.objective, run_id)
 
     def close(self) -> None:
-        """Wait until every record submitted is logged (an interrupt leaves the rest on disk, for `recover`)."""
+        """Log every record held and wait until all are in (an interrupt leaves the rest on disk, for `recover`)."""
+        self.release()
         with self._lock:
             queued = list(self._queued)
         if any(not f.done() for f in queued):

@@ -309,11 +309,24 @@ def end_search(found: MlflowClient, run_id: str, status: str, error: str | None 
 
 
 def record_best(found: MlflowClient, search_run_id: str, objective: str) -> None:
-    """Keep the search run's best trial id and score current after every trial."""
+    """The search run's best trial id and score, from all its trials: when it ends or resumes (note_best keeps them
+    current in between)."""
     rows = [r for r in leaderboard(found, search_run_id) if r["status"] == "FINISHED" and r["objective"] is not None]
     if rows:
         found.set_tag(search_run_id, BEST_TRIAL, rows[0]["run_id"])
         found.log_metric(search_run_id, f"{BEST}{objective}", rows[0]["objective"])
+
+
+def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str) -> None:
+    """The search run's best trial id and score kept current as a trial is recorded, at the cost of two reads whatever
+    the number of trials: record_best reads every trial, which a long search would pay for each."""
+    score = get_run(found, trial_run_id).data.metrics.get(f"{BEST}{objective}")
+    search = get_run(found, search_run_id).data
+    best = search.metrics.get(f"{BEST}{objective}")
+    sign = -1 if search.params.get("objective_direction", "min") == "max" else 1
+    if score is not None and (best is None or sign * score < sign * best):
+        found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
+                        tags=[RunTag(BEST_TRIAL, trial_run_id)])
 
 
 # ---------------------------------------------------------------- trials

@@ -44,6 +44,7 @@ class Tuner(base_tuner.BaseTuner):
         """A worker whose last ask got no trial (Hyperband waits for other workers to end a round) asks again a
         second later, instead of Keras Tuner's tight loop of gRPC calls that would busy the chief and the CPUs."""
         if self._asked_in_vain:
+            self.recorder.release()  # no trial to hand out now: nothing to wait for
             time.sleep(1)
         self._asked_in_vain = True
 
@@ -68,6 +69,7 @@ class Tuner(base_tuner.BaseTuner):
                     if kt_trial.status == kt.engine.trial.TrialStatus.STOPPED:
                         return
                     if kt_trial.status == kt.engine.trial.TrialStatus.IDLE:  # a Hyperband round is finishing
+                        self.recorder.release()
                         time.sleep(1)
                         continue
                     self.on_trial_begin(kt_trial)
@@ -103,7 +105,7 @@ class Tuner(base_tuner.BaseTuner):
         pool = self._free.get()
         try:
             with tracking.heartbeat(self.client, spec.run_id):
-                reply = pool.run(Task(spec, self.plan))
+                reply = pool.run(Task(spec, self.plan), sent=self.recorder.release)
         except Exception as err:  # this process failed the trial (its store, its pipe): recorded, then Keras Tuner's
             tracking.fail_trial(self.client, spec.run_id, f"{type(err).__name__}: {err}")
             raise
@@ -114,7 +116,7 @@ class Tuner(base_tuner.BaseTuner):
             tracking.fail_trial(self.client, spec.run_id, reply.error)
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {reply.error}", maximise(objective))
             raise kt.errors.FailedTrialError(reply.error)
-        self.recorder.submit(spec.run_id, Path(spec.trial_dir) / tracking.PENDING)
+        self.recorder.hold(spec.run_id, Path(spec.trial_dir) / tracking.PENDING)
         result = reply.metrics
         text = (f"{objective} {result[objective]:.4f}{' (baseline)' if self._is_baseline(values) else ''} in "
                 f"{time.perf_counter() - started:.0f} s: " + _shown(values))

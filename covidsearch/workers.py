@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -151,14 +151,16 @@ class Pool:
         if self._current is None and self._standby is None:
             self._standby = self._spawn()
 
-    def run(self, task: Task) -> Reply:
-        """Run one trial in the current worker; a worker that dies is a failed trial, not a failed search."""
+    def run(self, task: Task, sent: Callable[[], None] = lambda: None) -> Reply:
+        """Run one trial in the current worker, calling `sent` once the worker has it; a worker that dies is a failed
+        trial, not a failed search."""
         worker = self._current or self._take_standby()
         if worker.trials:
             self._keep_standby(task.plan.tracking_uri)
         worker.trials += 1
         try:
             worker.conn.send(replace(task, sent=time.time()))
+            sent()
             reply: Reply = worker.conn.recv()
         except (EOFError, OSError):
             code = _wait(worker.process)

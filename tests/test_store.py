@@ -56,6 +56,24 @@ def test_the_experiment_opens_on_its_runs_and_runs_say_who_ran_them(workdir):
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"].startswith("covidsearch")
 
 
+def test_the_search_run_names_its_best_trial_as_each_trial_is_recorded(workdir):
+    """What the UI shows of a running search: its best trial so far, in the objective's direction, a worse trial
+    leaving it be."""
+    client, experiment_id = tracking.connect()
+    for objective, direction, scores, best in (("val_loss", "min", [0.9, 0.5, 0.7], 1),
+                                               ("val_accuracy", "max", [0.6, 0.8, 0.7], 1)):
+        search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+        client.log_param(search_id, "objective_direction", direction)
+        trials = [tracking.start_trial(client, search_id, str(i), "tuner0", False, {}) for i in range(len(scores))]
+        named = []
+        for run_id, score in zip(trials, scores):
+            client.log_metric(run_id, f"{tracking.BEST}{objective}", score)
+            tracking.note_best(client, search_id, objective, run_id)
+            named.append(client.get_run(search_id).data.tags[tracking.BEST_TRIAL])
+        assert named == [trials[0], trials[best], trials[best]]
+        assert client.get_run(search_id).data.metrics[f"{tracking.BEST}{objective}"] == scores[best]
+
+
 def test_a_search_in_another_experiment_is_found_by_its_run_id_alone(workdir, capsys):
     client, experiment_id = tracking.connect(experiment="ablation")
     search_id = tracking.create_run(client, experiment_id, "search-x", {tracking.KIND: tracking.SEARCH})
