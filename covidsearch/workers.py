@@ -232,7 +232,7 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
         from . import trial
     keras.ops.convert_to_tensor(np.zeros(1))  # start the accelerator runtime while still on standby
     settle()
-    served = 0
+    served, rehearsed = 0, False
     while True:
         try:
             task: Task | Warm = conn.recv()
@@ -241,10 +241,13 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
         if isinstance(task, Warm):
             trial.rehearse(task.tracking_uri)
             settle()
+            rehearsed = True
             continue
         waited, served = max(0.0, time.time() - task.sent), served + 1
         reply = _answer(trial, task)
         keras.backend.clear_session()  # and a garbage collection: the trial's model is freed before memory is read
+        if served == 1 and not rehearsed:  # a first worker's first trial was its rehearsal: collections after it
+            settle()  # walked what that trial started for good (the runtime's, the store's), 0.1 s a trial
         try:
             conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_status_mb("VmRSS"),
                               peak_mb=_status_mb("VmHWM"), waited=waited))

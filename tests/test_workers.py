@@ -153,12 +153,12 @@ def test_a_search_run_from_python_gives_the_callers_garbage_collector_back_as_it
 
 
 def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
-    """The worker that ran trial 0 is killed while it trains trial 1: trial 1 fails, and trial 2 runs in a fresh
+    """The worker that ran trial 0 is killed as it takes or trains trial 1: trial 1 fails, and trial 2 runs in a fresh
     worker (the standby) and finishes."""
     proc = start_search(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "4",
                         *SMALL[4:])
-    wait_for(lambda: (lambda t: t.get("0") is not None and t["0"].info.status == "FINISHED" and "1" in t)(
-        _trials_by_id(workdir)))
+    # trial 0 answered (its worker named) and trial 1 created: it is being sent, or training, in that worker
+    wait_for(lambda: (lambda t: "1" in t and tracking.WORKER_PID in t["0"].data.tags)(_trials_by_id(workdir)))
     pid = int(_trials_by_id(workdir)["0"].data.tags[tracking.WORKER_PID])
     os.kill(pid, signal.SIGKILL)  # what the kernel's out-of-memory killer does
     _, stderr = proc.communicate(timeout=300)
