@@ -179,9 +179,10 @@ def _check_writable_sqlite(db: Path) -> None:
     """Fail early and clearly when the SQLite store cannot be created or written."""
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
+        probe = f"covidsearch_probe_{os.getpid()}"  # a process's own: another one's DROP cannot take it away
         with sqlite3.connect(db, timeout=30) as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS covidsearch_probe (x INTEGER)")
-            conn.execute("DROP TABLE covidsearch_probe")
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {probe} (x INTEGER)")
+            conn.execute(f"DROP TABLE {probe}")
     except (OSError, sqlite3.Error) as err:
         raise StoreError(f"cannot write tracking store {db}: {err}") from None
 
