@@ -75,7 +75,7 @@ def gather(client: MlflowClient, search_id: str) -> Search:
     files = tracking.FIGURE_FILES
     figures = tracking.artifacts(client, best.info.run_id, tracking.FIGURES, files.values()) if best else {}
     return Search(run, rows, run.data.params.get("objective", "val_loss"),
-                  run.data.params.get("objective_direction", "min") == "min", records["summary"], records["leakage"],
+                  tracking.minimised(run.data.params), records["summary"], records["leakage"],
                   [r for r in skipped if r.get("file")], best, {key: figures[f] for key, f in files.items()
                                                                 if f in figures})
 

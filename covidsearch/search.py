@@ -139,7 +139,7 @@ def _settings(opts: Options, space: spaces.Space) -> dict[str, Any]:
         raise SearchError(f"--test-per-class must be at least 1, not {opts.test_per_class}")
     operating.check_target(opts.target_sensitivity)
     return {"space": space.path.stem, "tuner": tuner, "max_trials": max_trials, "max_epochs": max_epochs,
-            "objective": objective, "objective_direction": "max" if maximise(objective) else "min",
+            "objective": objective, tracking.OBJECTIVE_DIRECTION: "max" if maximise(objective) else "min",
             "seed": opts.seed, "baseline": opts.baseline, "dedupe": opts.dedupe, "precision": opts.precision,
             "test_data": opts.test_data or "", "sets": " ".join(opts.sets)}
 

@@ -57,6 +57,7 @@ ERROR = "error"
 HEARTBEAT = "covidsearch_heartbeat"  # when the process waiting on a trial last said it is alive (epoch seconds)
 HEARTBEAT_SECONDS = 10
 BEST_TRIAL = "best_trial_run_id"
+OBJECTIVE_DIRECTION = "objective_direction"  # a search run's param: "min" or "max"
 # The operating point (operating.py): on trials, ensembles and registered versions; on evaluations as eval_ tags
 TARGET_SENSITIVITY = "target_sensitivity"  # the COVID-19 sensitivity the threshold was chosen for on validation
 THRESHOLD_REACHED = "covid_threshold_reached"  # "false": no threshold reached the target there; argmax kept
@@ -324,7 +325,7 @@ def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run
     score = get_run(found, trial_run_id).data.metrics.get(f"{BEST}{objective}")
     search = get_run(found, search_run_id).data
     best = search.metrics.get(f"{BEST}{objective}")
-    sign = -1 if search.params.get("objective_direction", "min") == "max" else 1
+    sign = 1 if minimised(search.params) else -1
     if score is not None and (best is None or sign * score < sign * best):
         found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
                         tags=[RunTag(BEST_TRIAL, trial_run_id)])
@@ -497,7 +498,6 @@ def leaderboard(found: MlflowClient, search_run_id: str) -> list[dict[str, Any]]
     """Trials of a search, best objective first, with what a user compares."""
     parent = get_run(found, search_run_id)
     objective = parent.data.params.get("objective", "val_loss")
-    direction = parent.data.params.get("objective_direction", "min")
     rows = []
     for run in trial_runs(found, search_run_id):
         m = run.data.metrics
@@ -515,9 +515,14 @@ def leaderboard(found: MlflowClient, search_run_id: str) -> list[dict[str, Any]]
             "test_images": m[f"{TEST}tp"] + m[f"{TEST}fn"] if f"{TEST}tp" in m and f"{TEST}fn" in m else None,
             "epochs": m.get(EPOCHS_TRAINED),
         })
-    sign = 1 if direction == "min" else -1
+    sign = 1 if minimised(parent.data.params) else -1
     rows.sort(key=lambda r: (r["objective"] is None, sign * (r["objective"] or 0.0)))
     return rows
+
+
+def minimised(params: dict[str, str]) -> bool:
+    """Whether a search's objective is better lower, from its run's params (lower when not recorded: val_loss's)."""
+    return params.get(OBJECTIVE_DIRECTION, "min") == "min"
 
 
 def interval(values: dict[str, float], name: str) -> tuple[float, float] | None:

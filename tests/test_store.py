@@ -63,7 +63,7 @@ def test_the_search_run_names_its_best_trial_as_each_trial_is_recorded(workdir):
     for objective, direction, scores, best in (("val_loss", "min", [0.9, 0.5, 0.7], 1),
                                                ("val_accuracy", "max", [0.6, 0.8, 0.7], 1)):
         search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
-        client.log_param(search_id, "objective_direction", direction)
+        client.log_param(search_id, tracking.OBJECTIVE_DIRECTION, direction)
         trials = [tracking.start_trial(client, search_id, str(i), "tuner0", False, {}) for i in range(len(scores))]
         named = []
         for run_id, score in zip(trials, scores):
