@@ -341,6 +341,7 @@ def run(opts: Options) -> Result:
         raise SearchError(f"search stopped: {opts.max_consecutive_failed_trials} trials in a row failed; "
                           f"last error: {str(err).splitlines()[-1]}") from None
     finally:
+        tuner.recorder.release()  # no trial is left to send: the last records are logged while the workers stop
         _close(pools)
         tuner.recorder.close()
         lock.close()
