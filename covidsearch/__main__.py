@@ -1,6 +1,4 @@
 """`python -m covidsearch` is the covidsearch command."""
-import sys
+from .cli import command
 
-from .cli import main
-
-sys.exit(main())
+command()

@@ -166,6 +166,21 @@ def test_help_and_a_mistyped_option_answer_at_once_without_loading_keras(workdir
     assert mistyped.returncode == 2 and "unrecognized arguments: --max-trails" in mistyped.stderr
 
 
+def test_the_program_exits_with_its_commands_status_after_every_exit_handler():
+    """The covidsearch program ends without the interpreter's teardown, but only after the exit handlers a command
+    registered have run and printed, with the command's status or, for an uncaught error, 1 and its traceback."""
+    probe = ("import atexit, sys\nfrom covidsearch import cli\n"
+             "def main():\n    atexit.register(print, 'handler ran')\n    {body}\n"
+             "cli.main = main\ncli.command()\nprint('never here')")
+    ended = subprocess.run([sys.executable, "-c", probe.format(body="return 3")], capture_output=True, text=True,
+                           timeout=120)
+    assert (ended.returncode, ended.stdout) == (3, "handler ran\n"), ended.stderr
+    failed = subprocess.run([sys.executable, "-c", probe.format(body="raise RuntimeError('no luck')")],
+                            capture_output=True, text=True, timeout=120)
+    assert (failed.returncode, failed.stdout) == (1, "handler ran\n")
+    assert "RuntimeError: no luck" in failed.stderr
+
+
 @pytest.mark.parametrize("option, expected", [
     (["--max-trials", "0"], "--max-trials must be at least 1, not 0"),
     (["--max-trials", "-1"], "--max-trials must be at least 1, not -1"),
