@@ -16,17 +16,12 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 def command() -> NoReturn:
-    """The covidsearch program: `main`, then an exit without the interpreter's own teardown, which takes over a second
-    of CPU once TensorFlow is loaded (a search's command would end that much later for nothing). Every exit handler
-    still runs first (temporary folders, MLflow's queues): this one is registered before any other, so it runs last."""
+    """The covidsearch program: `main`, then `exit_at_once`. Every exit handler still runs first (temporary folders,
+    MLflow's queues): this one is registered before any other, so it runs last."""
+    from . import exit_at_once
+
     status = 1  # an uncaught error's, after Python has printed it
-
-    def end() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-    atexit.register(end)
+    atexit.register(lambda: exit_at_once(status))
     try:
         status = main()
     except SystemExit as stop:  # argparse's --help and usage errors

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from . import held_stderr
+from . import exit_at_once, held_stderr
 
 if TYPE_CHECKING:
     from .trial import Plan, Spec
@@ -237,7 +237,7 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
         try:
             task: Task | Warm = conn.recv()
         except EOFError:  # the search ended or retired this worker
-            _exit()
+            exit_at_once(0)  # its last trial answered, the worker holds nothing to save
         if isinstance(task, Warm):
             trial.rehearse(task.tracking_uri)
             settle()
@@ -252,7 +252,7 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
             conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_status_mb("VmRSS"),
                               peak_mb=_status_mb("VmHWM"), waited=waited))
         except BrokenPipeError:  # the search was interrupted while this trial trained: no one takes its result
-            _exit()
+            exit_at_once(0)
 
 
 def _answer(trial: Any, task: Task) -> Reply:
@@ -310,14 +310,6 @@ def settled() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
-
-
-def _exit() -> NoReturn:
-    """End at once: the worker has answered its last trial and holds nothing to save, and the interpreter's
-    teardown of TensorFlow takes seconds that the search would wait for."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _status_mb(field: str) -> float | None:
