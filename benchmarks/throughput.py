@@ -6,8 +6,9 @@ each in fresh processes and each with its own tuner directory:
   plain      Keras Tuner's RandomSearch in one process (this file, --side plain): a HyperModel with the vanilla
              space's hyperparameters, the tutorial's ConvNet, metrics and class weights, validation every epoch;
              no test set, no tracking. It is the search a user would otherwise write.
-  covidsearch  `covidsearch run` into a private SQLite MLflow store: worker processes, every trial recorded in
-             full (epochs, test metrics and intervals, model, figures).
+  covidsearch  `covidsearch run` into a private SQLite MLflow store: worker processes, every trial recorded
+             (epochs, test metrics and intervals, confusion table, its checkpoint and figures' data; the figures
+             and the MLflow model of each trial that improves the best, the default --figures best).
   no-logging   the same command with the trials' own MLflow logging turned into no-ops (TrialRecord's epochs,
              metrics and table; the model and figures' data the worker saves and the search's recorder logs; a
              sitecustomize.py on PYTHONPATH does it in the search and in every worker, for this benchmark only).
@@ -18,7 +19,7 @@ It prints, per side, the wall time of the whole command and per trial; the ratio
 the target of at most 1.25x; the per-trial fixed cost (a trial's share of the search's wall time, from the end
 of the previous trial to the end of this one, minus its epochs: train_seconds + val_seconds) against 1.5 s on
 CPU, with covidsearch's parts from the trials' setup_seconds_* metrics (and the seconds the search's recorder
-spent logging each trial's model and figures while the next one trained, which are not part of it); and the
+spent logging each trial's record while the next one trained, which are not part of it); and the
 tracking overhead, (covidsearch - no-logging) / covidsearch, against 2%, in wall time and in CPU seconds (user +
 system, of each command and every process it waited for: its workers included). The same command's wall time moves
 by more than the 2% to be measured from one run to the next on a shared machine (a worker's memory decides when it is
@@ -65,7 +66,7 @@ TUTORIAL = ("input_size=50", "filters=32", "dense_units=256", "batch_size=250") 
 RATIO_TARGET, FIXED_TARGET, TRACKING_TARGET = 1.25, 1.5, 2.0
 PACKAGES = ("keras", "tensorflow", "keras-tuner", "mlflow")
 REST = "rest (pipe, clear_session, oracle, search-side calls)"  # the fixed cost its parts do not name
-RECORDER = "model, figures logged by the search (off the path)"  # recorder.py: not in the fixed cost
+RECORDER = "record logged by the search (off the path)"  # recorder.py: not in the fixed cost
 NO_LOGGING = '''
 """Written by benchmarks/throughput.py for its no-logging side: a trial's own MLflow logging does nothing."""
 from covidsearch import recorder, tracking

@@ -112,7 +112,7 @@ def _team_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _inspect_commands(sub: argparse._SubParsersAction) -> None:
-    """runs, ui and report: reading what the searches recorded."""
+    """runs, ui, report and figures: reading what the searches recorded."""
     runs = sub.add_parser("runs", help="leaderboard of a search (the latest by default)")
     runs.add_argument("--search", help="search run id (in any experiment)")
     _store_options(runs)
@@ -129,6 +129,12 @@ def _inspect_commands(sub: argparse._SubParsersAction) -> None:
     _store_options(report)
     report.set_defaults(func=cmd_report)
 
+    figures = sub.add_parser("figures", help="trials' figures and MLflow models, made now if their search left them "
+                                             "for later (trials that did not improve its best)")
+    figures.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="FINISHED trial runs (see `covidsearch runs`)")
+    _store_options(figures)
+    figures.set_defaults(func=cmd_figures)
+
 
 def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under ./mlruns, "
@@ -137,7 +143,7 @@ def _store_options(p: argparse.ArgumentParser) -> None:
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
-    from . import workers  # no Keras in it: --help stays quick
+    from . import FIGURES_FOR, workers  # no Keras in it: --help stays quick
 
     p.add_argument("--space", default="vanilla", help="experiments/NAME.toml or a path to a space file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
@@ -165,6 +171,11 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-worker-growth", type=float, default=workers.MAX_GROWTH, metavar="PCT",
                    help="replace a worker process once its memory after a trial, or its peak, is PCT%% above what "
                         "it was after its largest trial so far (default %(default)g)")
+    p.add_argument("--figures", choices=FIGURES_FOR, default="best",
+                   help="whose figures and MLflow model are made as the trials end: best (default): each trial that "
+                        "improves the search's best, and the baseline; any other trial's when asked for (promote, "
+                        "predict, evaluate, serve, report, `covidsearch figures`); every: all trials' (slower for "
+                        "small trials)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     _target_option(p, "each trial's")
     _store_options(p)
@@ -189,7 +200,7 @@ def _options(args: argparse.Namespace, **more) -> search.Options:
         cache_dir=args.cache_dir, precision=args.precision, trials_per_worker=args.trials_per_worker,
         max_worker_growth=args.max_worker_growth,
         progress=progress.mode_for(sys.stderr, args.quiet), oracle=args.oracle,
-        target_sensitivity=args.target_sensitivity, **more)
+        target_sensitivity=args.target_sensitivity, figures=args.figures, **more)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -368,9 +379,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import serving
+    from . import scoring
 
-    return serving.serve(serving.prepare(args.model, args.host, args.port, args.tracking_uri))
+    return scoring.serve(scoring.prepare(args.model, args.host, args.port, args.tracking_uri))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -423,6 +434,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     search_id, path = report.write(args.out, args.search, args.tracking_uri, args.experiment)
     print(f"wrote {path} for search {search_id} (also logged to that run as {tracking.REPORT})")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from . import registry, tracking
+
+    client = registry.connect(args.tracking_uri)
+    for run_id in args.run_ids:
+        model_id = registry.finished_trial(client, run_id).model_id
+        print(f"run {run_id}: figures in its artifacts under {tracking.FIGURES}/, MLflow model models:/{model_id}")
     return 0
 
 

@@ -1,13 +1,18 @@
-"""A trial's test scores, model and figures, logged by the search process while the next trial trains.
+"""A trial's test scores, data, figures and MLflow model, logged by the search process while the next trial trains.
 
 Packaging the model for MLflow and drawing the four figures cost a small trial more than its epochs' setup
 does, and neither they nor the test scores need the trained model in memory. So the worker saves the model once
 (the trial's checkpoint, which a Hyperband round continues from), writes what the rest needs into the trial's
 folder (`write`: the test predictions, the Grad-CAM sample, what the served model must know) and answers the
-search at once; the search's `Recorder` thread scores the test split and logs the scores, the model and the
-figures, and only then ends the run FINISHED, records the search's best trial and removes the folder. A worker
-that dies in its next trial loses none of it, and what a killed search had not logged yet is logged first when it
-resumes (`recover`).
+search at once; the search's `Recorder` thread scores the test split and logs the scores and those files (the
+trial's data), and only then ends the run FINISHED, records the search's best trial and removes the folder. A
+worker that dies in its next trial loses none of it, and what a killed search had not logged yet is logged first
+when it resumes (`recover`).
+
+The figures and the MLflow model (`complete`) are made at once for the trials a user looks at: each that improves
+the search's best, and the baseline (or every trial, `every`). Any other trial's are made from its logged data when
+something asks for them (`completed`: promote, predict, evaluate, serve, report, `covidsearch figures`): drawn for
+every trial, they were most of the search process's work beside a small trial's training.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -27,65 +33,100 @@ from mlflow.tracking import MlflowClient
 from . import metrics, plots, serving, tracking
 from .progress import Progress
 
-ARRAYS, RECORD = "figures.npz", "record.json"  # the files of a pending record
-
-
 def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
           test_probs: np.ndarray, history: dict[str, list[float]], val_epochs: list[dict[str, float]],
-          first_epoch: int, seed: int, closing: dict[str, float]) -> None:
+          first_epoch: int, seed: int, closing: dict[str, float], baseline: bool = False) -> None:
     """The trial's pending record, whole or not at all: written aside, then renamed into place. The model is the
-    trial's saved .keras file (its checkpoint), named, not copied; `closing` (epochs trained, best epoch's metrics,
-    setup seconds) is logged with the test scores, in one call off the trial's path."""
+    trial's saved .keras file (its checkpoint), linked into it, not copied; `closing` (epochs trained, best epoch's
+    metrics, setup seconds) is logged with the test scores, in one call off the trial's path."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    np.savez(partial / ARRAYS, y_test=y_test, test_probs=test_probs, images=cams.images, heatmaps=cams.heatmaps,
-             labels=cams.labels, probs=cams.probs)
+    _link(keras_file, partial / tracking.KERAS_FILE)
+    np.savez(partial / tracking.TRIAL_ARRAYS, y_test=y_test, test_probs=test_probs, images=cams.images,
+             heatmaps=cams.heatmaps, labels=cams.labels, probs=cams.probs)
     record = {"run_id": run_id, "classes": served.classes, "size": served.size, "color_mode": served.color_mode,
               "threshold": served.threshold, "target": served.target, "first_epoch": first_epoch, "seed": seed,
               "history": {k: [float(v) for v in values] for k, values in history.items()},
-              "val_epochs": val_epochs, "requirements": serving.requirements(), "keras_file": str(keras_file),
+              "val_epochs": val_epochs, "requirements": serving.requirements(), "baseline": baseline,
               "closing": closing}
-    (partial / RECORD).write_text(json.dumps(record))
+    (partial / tracking.TRIAL_FACTS).write_text(json.dumps(record))
     shutil.rmtree(folder, ignore_errors=True)  # a record an earlier attempt of this trial left
     os.replace(partial, folder)
 
 
-def log_pending(client: MlflowClient, folder: Path) -> None:
+def _link(source: Path, link: Path) -> None:
+    """A second name for the checkpoint (a copy where the file system has no hard links): the pending record then
+    holds all of the trial's data, logged in one call that copies files the fast way."""
+    try:
+        os.link(source, link)
+    except OSError:
+        shutil.copy2(source, link)
+
+
+def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objective: str, every: bool) -> None:
     """A pending record logged to its run: the trial's closing metrics, the test scores with their bootstrap
-    intervals and the confusion table, the model, the figures, and the seconds that took."""
+    intervals and the confusion table, its data; its figures and MLflow model too if it is the search's new best or
+    its baseline, or `every`; and the seconds that took. Keeps the search's best trial current."""
     started = time.perf_counter()
-    record = json.loads((folder / RECORD).read_text())
-    run_id, classes = record["run_id"], record["classes"]
-    with np.load(folder / ARRAYS) as arrays:
-        y_test, test_probs = arrays["y_test"], arrays["test_probs"]
-        cams = plots.Cams(arrays["images"], arrays["heatmaps"], arrays["labels"], arrays["probs"])
+    record, arrays = _read(folder)
+    run_id, classes, y_test, test_probs = record["run_id"], record["classes"], arrays["y_test"], arrays["test_probs"]
     scores = {**record.get("closing", {}),  # absent from a record an older worker wrote: it logged them itself
               **{f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()}}
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
     client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)
-    served = serving.Classifier(classes, record["size"], record["color_mode"], record["threshold"], record["target"])
-    tracking.log_model(client, run_id, Path(record["keras_file"]), served, record["requirements"])
+    client.log_artifacts(run_id, str(folder), tracking.TRIAL_DATA)
+    client.log_batch(run_id, metrics=tracking.metrics(scores))
+    if tracking.note_best(client, search_run_id, objective, run_id) or every or record["baseline"]:
+        complete(client, folder)
+    client.log_metric(run_id, tracking.RECORD_SECONDS, time.perf_counter() - started)
+
+
+def complete(client: MlflowClient, folder: Path) -> str:
+    """A trial's four figures and its MLflow model (the pyfunc serving.Classifier, what promote registers and
+    `mlflow models serve` runs), made from its record or its logged data; returns the model's id."""
+    record, arrays = _read(folder)
+    run_id, classes, y_test, test_probs = record["run_id"], record["classes"], arrays["y_test"], arrays["test_probs"]
+    cams = plots.Cams(arrays["images"], arrays["heatmaps"], arrays["labels"], arrays["probs"])
     with tempfile.TemporaryDirectory() as tmp:
         drawing = time.perf_counter()
         plots.write_trial_figures(Path(tmp), y_test, test_probs, classes, record["history"], record["val_epochs"],
                                   record["first_epoch"], cams)
-        drawn = time.perf_counter() - drawing
+        client.log_metric(run_id, tracking.FIGURES_SECONDS, time.perf_counter() - drawing)
         client.log_artifacts(run_id, tmp, tracking.FIGURES)
-    scores.update({tracking.FIGURES_SECONDS: drawn, tracking.RECORD_SECONDS: time.perf_counter() - started})
-    client.log_batch(run_id, metrics=tracking.metrics(scores))
+    served = serving.Classifier(classes, record["size"], record["color_mode"], record["threshold"], record["target"])
+    uri = tracking.log_model(client, run_id, folder / tracking.KERAS_FILE, served, record["requirements"])
+    return uri.removeprefix("models:/")
 
 
-def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress) -> bool:
+def completed(client: MlflowClient, run: Any) -> str | None:
+    """The MLflow model id of a finished trial, made now with its figures from its logged data when its search left
+    them for later (it did not improve the best); None for a run with neither (one that did not finish)."""
+    model_id = tracking.logged_model(client, run)
+    if model_id or tracking.keras_uri(client, run) is None:
+        return model_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(client.download_artifacts(run.info.run_id, tracking.TRIAL_DATA, tmp))
+        return complete(client, folder)
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A record's facts and arrays."""
+    with np.load(folder / tracking.TRIAL_ARRAYS) as arrays:
+        return json.loads((folder / tracking.TRIAL_FACTS).read_text()), dict(arrays)
+
+
+def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, search_run_id: str, objective: str,
+           every: bool = False) -> bool:
     """Log the pending record and end its run FINISHED, then drop the record; a record that cannot be logged fails
     its run, said on the console, and the search goes on. An interrupt leaves it for `recover`. Returns whether
     the run finished."""
     try:
-        log_pending(client, folder)
+        log_pending(client, folder, search_run_id, objective, every)
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
-        tracking.fail_trial(client, run_id, f"its model and figures could not be logged: {type(err).__name__}: {err}")
-        progress.notice(f"trial run {run_id}: its model and figures could not be logged ({err}): marked FAILED")
+        tracking.fail_trial(client, run_id, f"its record could not be logged: {type(err).__name__}: {err}")
+        progress.notice(f"trial run {run_id}: its record could not be logged ({err}): marked FAILED")
         shutil.rmtree(folder, ignore_errors=True)
         return False
     tracking.finish_trial(client, run_id)
@@ -99,8 +140,10 @@ class Recorder:
     interpreter lock from the search's own thread, in slices, while that thread creates the next trial's run and
     sends it, and the worker would wait."""
 
-    def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress):
+    def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress,
+                 every: bool = False):
         self.client, self.search_run_id, self.objective, self.progress = client, search_run_id, objective, progress
+        self.every = every  # every trial's figures and MLflow model at once, not only the best's and the baseline's
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
                                           initializer=_yield_to_training)
         self._held: list[tuple[str, Path]] = []
@@ -120,8 +163,7 @@ class Recorder:
             self._queued += [self._thread.submit(self._record, run_id, folder) for run_id, folder in held]
 
     def _record(self, run_id: str, folder: Path) -> None:
-        if finish(self.client, run_id, folder, self.progress):
-            tracking.note_best(self.client, self.search_run_id, self.objective, run_id)
+        finish(self.client, run_id, folder, self.progress, self.search_run_id, self.objective, self.every)
 
     def close(self) -> None:
         """Log every record held and wait until all are in (an interrupt leaves the rest on disk, for `recover`)."""
@@ -129,7 +171,7 @@ class Recorder:
         with self._lock:
             queued = list(self._queued)
         if any(not f.done() for f in queued):
-            self.progress.say("logging the last trials' models and figures")
+            self.progress.say("logging the last trials' records")
         for future in queued:
             future.result()
         self._thread.shutdown()
@@ -142,8 +184,8 @@ def _yield_to_training() -> None:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
-def recover(client: MlflowClient, project: Path, search_run_id: str, objective: str,
-            progress: Progress) -> list[str]:
+def recover(client: MlflowClient, project: Path, search_run_id: str, objective: str, progress: Progress,
+            every: bool = False) -> list[str]:
     """Log the records a killed search left in its project's trial folders, before the search resumes: their runs
     end FINISHED, so their trials are not trained again. A half-written record is dropped (its trial runs again).
     Returns the runs finished."""
@@ -151,12 +193,11 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
         shutil.rmtree(partial)
     recovered = []
     for folder in sorted(project.glob(f"trial_*/{tracking.PENDING}")):
-        run_id = json.loads((folder / RECORD).read_text())["run_id"]
+        run_id = json.loads((folder / tracking.TRIAL_FACTS).read_text())["run_id"]
         if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
-        elif finish(client, run_id, folder, progress):
-            progress.notice(f"trial run {run_id}: its model and figures, not yet logged when the search stopped, "
-                            "are logged now")
+        elif finish(client, run_id, folder, progress, search_run_id, objective, every):
+            progress.notice(f"trial run {run_id}: its record, not yet logged when the search stopped, is logged now")
             recovered.append(run_id)
     if recovered:
         tracking.record_best(client, search_run_id, objective)

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import keras
 
-from . import SearchError, data, metrics, models, operating, projects, recorder, spaces, tracking, trial
+from . import FIGURES_FOR, SearchError, data, metrics, models, operating, projects, recorder, spaces, tracking, trial
 from .metrics import maximise
 from .oracles import TUNERS, make_oracle
 from .progress import Progress, clock
@@ -57,6 +57,7 @@ class Options:
     oracle: str | None = None  # HOST:PORT: `run` serves the oracle there (the chief), `work` asks it for trials
     worker_id: str | None = None  # a worker's Keras Tuner id (default: host name and an id kept in --project-dir)
     target_sensitivity: float | None = None  # each trial's COVID-19 threshold reaching it on validation (operating.py)
+    figures: str = "best"  # whose figures and MLflow model are made as they end: "best" (and the baseline) or "every"
 
 
 @dataclass
@@ -138,6 +139,8 @@ def _settings(opts: Options, space: spaces.Space) -> dict[str, Any]:
     if opts.test_per_class is not None and opts.test_per_class < 1 and not opts.test_data:
         raise SearchError(f"--test-per-class must be at least 1, not {opts.test_per_class}")
     operating.check_target(opts.target_sensitivity)
+    if opts.figures not in FIGURES_FOR:
+        raise SearchError(f"--figures {opts.figures!r}: use {' or '.join(FIGURES_FOR)}")
     return {"space": space.path.stem, "tuner": tuner, "max_trials": max_trials, "max_epochs": max_epochs,
             "objective": objective, tracking.OBJECTIVE_DIRECTION: "max" if maximise(objective) else "min",
             "seed": opts.seed, "baseline": opts.baseline, "dedupe": opts.dedupe, "precision": opts.precision,
@@ -227,7 +230,8 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, pools: list[Pool], dire
                          opts.baseline, opts.max_consecutive_failed_trials, s.budget)
     oracle.keep_workers_trials = bool(opts.oracle)  # read when the tuner reloads a resumed chief's oracle
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, search_run_id, pools, str(directory), project_name,
-                  s.progress, recorder.Recorder(s.client, search_run_id, s.settings["objective"], s.progress))
+                  s.progress, recorder.Recorder(s.client, search_run_id, s.settings["objective"], s.progress,
+                                                opts.figures == "every"))
     tuner.oracle.max_trials = max_trials
     return tuner
 
@@ -274,7 +278,8 @@ def _start_or_resume(s: _Setup, opts: Options, directory: Path) -> tuple[str, st
         search_run_id = state["search_run_id"]
         tracking.get_run(s.client, search_run_id)
         if not opts.oracle:  # a chief's trials may still be training on their workers; a restarted one closes its own
-            recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress)
+            recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress,
+                     opts.figures == "every")
             for run_id in tracking.close_orphans(s.client, search_run_id):
                 s.progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs "
                                   "again")
@@ -392,7 +397,8 @@ def work(opts: Options) -> WorkerResult:
     if lock is None:
         raise SearchError(f"worker {worker_id} is already running here: give this one another --worker-id")
     distributed.check_not_running(s.client, search_run_id, worker_id)
-    recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress)
+    recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress,
+                     opts.figures == "every")
     for run_id in tracking.close_orphans(s.client, search_run_id, worker_id=worker_id):
         s.progress.notice(f"trial run {run_id} was in flight when worker {worker_id} stopped: marked KILLED, "
                           "it runs again")

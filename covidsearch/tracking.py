@@ -76,7 +76,9 @@ MODEL_AT_OP = "model_at_op"  # a trial's model logged again by `promote --target
 KERAS_ARTIFACT, KERAS_FILE = "keras_model", "model.keras"  # the trial's Keras model inside it: artifact key, file
 KERAS_PATH = f"artifacts/{KERAS_FILE}"  # where MLflow keeps that file in the logged model (load_keras)
 FIGURES = "figures"  # folder of a trial's PNG figures
-PENDING = "pending-record"  # folder in a trial's directory: its model and figures until the search logs them
+TRIAL_DATA = "trial_data"  # folder of a trial: its .keras checkpoint and what its figures and MLflow model are made of
+TRIAL_ARRAYS, TRIAL_FACTS = "figures.npz", "record.json"  # in it: test predictions and Grad-CAM sample; the rest
+PENDING = "pending-record"  # folder in a trial's directory: the same files until the search logs them
 FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "roc": "roc.png", "gradcam": "gradcam.png"}
 CONFUSION = "confusion_matrix.json"
 REPORT = "report/report.html"
@@ -86,8 +88,8 @@ BEST = "best_"  # prefix: a trial's best epoch's validation metrics, and the sea
 TEST = "test_"  # prefix of the held-out test metrics
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # suffixes of a metric's bootstrap 95% interval (metrics.interval_metrics)
 EPOCHS_TRAINED = "epochs_trained"
-RECORD_SECONDS = "record_seconds"  # logging a trial's model and figures, in the search process, off the trial's path
-FIGURES_SECONDS = "figures_seconds"  # drawing its figures, part of that
+RECORD_SECONDS = "record_seconds"  # logging a trial's record, in the search process, off the trial's path
+FIGURES_SECONDS = "figures_seconds"  # drawing its figures, part of that (when they were drawn then)
 SETUP = "setup_seconds_"  # prefix: a trial's fixed cost by part, the seconds it spent outside its epochs, in:
 PART_WORKER_START = "worker_start"  # the start-up of its worker process that it waited for
 PART_DATA, PART_BUILD = "data", "build"  # its pixels from the cache; its model built and compiled
@@ -319,16 +321,18 @@ def record_best(found: MlflowClient, search_run_id: str, objective: str) -> None
         found.log_metric(search_run_id, f"{BEST}{objective}", rows[0]["objective"])
 
 
-def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str) -> None:
+def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str) -> bool:
     """The search run's best trial id and score kept current as a trial is recorded, at the cost of two reads whatever
-    the number of trials: record_best reads every trial, which a long search would pay for each."""
+    the number of trials: record_best reads every trial, which a long search would pay for each. Returns whether this
+    trial is the new best."""
     score = get_run(found, trial_run_id).data.metrics.get(f"{BEST}{objective}")
     search = get_run(found, search_run_id).data
     best = search.metrics.get(f"{BEST}{objective}")
     sign = 1 if minimised(search.params) else -1
-    if score is not None and (best is None or sign * score < sign * best):
-        found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
-                        tags=[RunTag(BEST_TRIAL, trial_run_id)])
+    if score is None or (best is not None and sign * score >= sign * best):
+        return False
+    found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}), tags=[RunTag(BEST_TRIAL, trial_run_id)])
+    return True
 
 
 # ---------------------------------------------------------------- trials
@@ -460,14 +464,15 @@ def _children(parent_id: str, worker_id: str | None) -> str:
 
 
 def trial_model(found: MlflowClient, parent_id: str, trial_id: str, wait: float = 120) -> str | None:
-    """The logged model of a search's FINISHED trial, wherever it ran (a Hyperband round continues from it). A run
-    still RUNNING is waited for up to `wait` seconds: its search logs the model after the trial's result."""
+    """The URI of a search's FINISHED trial's .keras checkpoint, wherever it ran (a Hyperband round continues from
+    it). A run still RUNNING is waited for up to `wait` seconds: its search logs the checkpoint after the trial's
+    result."""
     deadline = time.monotonic() + wait
     while True:
         runs = _search(found, parent_id, f"{_children(parent_id, None)} and tags.{TRIAL_ID} = '{trial_id}'")
         finished = [r for r in runs if r.info.status == "FINISHED"]
         if finished:
-            return logged_model(found, finished[0])
+            return keras_uri(found, finished[0])
         if all(r.info.status != "RUNNING" for r in runs) or time.monotonic() > deadline:
             return None
         time.sleep(1)
@@ -481,15 +486,27 @@ def logged_model(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
     return ready[0].model_id if ready else None
 
 
+def keras_uri(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
+    """Where a finished trial's Keras model can be loaded from (load_keras): its checkpoint among its trial data, or
+    the logged model of a trial recorded before there were any."""
+    if any(Path(a.path).name == KERAS_FILE for a in found.list_artifacts(run.info.run_id, TRIAL_DATA)):
+        return f"runs:/{run.info.run_id}/{TRIAL_DATA}/{KERAS_FILE}"
+    model_id = logged_model(found, run)
+    return f"models:/{model_id}" if model_id else None
+
+
 def load_keras(uri: str) -> Any:
-    """The Keras model of a logged or registered model (models:/...) without the pyfunc around it: only its
-    .keras file is downloaded. A model logged with the keras flavour (before serving.Classifier) loads as such."""
+    """The Keras model of a trial's checkpoint (runs:/.../model.keras) or of a logged or registered model
+    (models:/...) without the pyfunc around it: only its .keras file is downloaded. A model logged with the keras
+    flavour (before serving.Classifier) loads as such."""
     import keras
     from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-    if "keras" in mlflow.models.get_model_info(uri).flavors:
-        return mlflow.keras.load_model(uri)
     with tempfile.TemporaryDirectory() as tmp:
+        if uri.startswith("runs:/"):
+            return keras.saving.load_model(mlflow.artifacts.download_artifacts(uri, dst_path=tmp), compile=False)
+        if "keras" in mlflow.models.get_model_info(uri).flavors:
+            return mlflow.keras.load_model(uri)
         return keras.saving.load_model(ModelsArtifactRepository(uri).download_artifacts(KERAS_PATH, dst_path=tmp),
                                        compile=False)
 

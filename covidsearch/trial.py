@@ -45,9 +45,10 @@ class Spec:
     epochs: int
     initial_epoch: int
     trial_dir: str
-    warm_start: str | None = None  # best weights (file or models:/ URI) of the Hyperband round this trial continues
+    warm_start: str | None = None  # best weights (file, runs:/ or models:/ URI) of the Hyperband round it continues
     progress: str = "off"  # how epochs are shown: tty, plain or off
     label: str = ""  # "trial i/N", for the epoch line
+    baseline: bool = False  # the tutorial's configuration: its record is logged in full at once, like a new best's
 
 
 class TrialFailed(RuntimeError):
@@ -123,7 +124,7 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
                **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
                **{f"{tracking.BEST}{k}": v for k, v in best.items()}}
     recorder.write(Path(spec.trial_dir) / tracking.PENDING, spec.run_id, keras_file, served, cams, y_test, test_probs,
-                   history, validation.epochs, spec.initial_epoch, plan.seed, closing)
+                   history, validation.epochs, spec.initial_epoch, plan.seed, closing, spec.baseline)
     return best
 
 
@@ -222,7 +223,7 @@ def _predict(model: keras.Model, rows: data.Rows, batch_size: int) -> np.ndarray
 def _build(spec: Spec, n_classes: int) -> Any:
     """The model, continuing from the previous Hyperband round's weights when there is one."""
     model = models.build(spec.config, n_classes)
-    if spec.warm_start and spec.warm_start.startswith("models:/"):  # that round ran on another machine
+    if spec.warm_start and spec.warm_start.startswith(("runs:/", "models:/")):  # that round ran on another machine
         model.set_weights(tracking.load_keras(spec.warm_start).get_weights())
     elif spec.warm_start:
         _load_weights(model, spec.warm_start)

@@ -91,8 +91,8 @@ class Tuner(base_tuner.BaseTuner):
             raise failures[0]
 
     def run_trial(self, kt_trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Record the trial's run and have a worker train it; the recorder logs its model and figures and ends the run
-        while the next trial trains. The one thing this tuner adds."""
+        """Record the trial's run and have a worker train it; the recorder logs its record and ends the run while the
+        next trial trains. The one thing this tuner adds."""
         values = dict(kt_trial.hyperparameters.values)
         index = int(kt_trial.trial_id) + 1
         objective = self.oracle.objective.name
@@ -127,12 +127,14 @@ class Tuner(base_tuner.BaseTuner):
         """The trial's run, created RUNNING, and what its worker needs to train it."""
         config = self.space.config(values)
         warm_start, initial_epoch = self._warm_start(values)
+        baseline = self._is_baseline(values)
         run_id = tracking.start_trial(
             self.client, self.search_run_id, kt_trial.trial_id, getattr(self._thread, "tuner_id", self.tuner_id),
-            self._is_baseline(values), config, (warm_start or "none") if "tuner/trial_id" in values else None)
+            baseline, config, (warm_start or "none") if "tuner/trial_id" in values else None)
         return trial.Spec(kt_trial.trial_id, run_id, config, epochs=int(values.get("tuner/epochs", self.max_epochs)),
                           initial_epoch=initial_epoch, trial_dir=self.get_trial_dir(kt_trial.trial_id),
-                          warm_start=warm_start, progress=self.progress.mode, label=self.progress.trial_label(index))
+                          warm_start=warm_start, progress=self.progress.mode, label=self.progress.trial_label(index),
+                          baseline=baseline)
 
     def _is_baseline(self, values: dict[str, Any]) -> bool:
         return {k: v for k, v in values.items() if not k.startswith("tuner/")} == self.baseline_values
@@ -146,8 +148,8 @@ class Tuner(base_tuner.BaseTuner):
         path = Path(self.get_trial_dir(previous)) / tracking.KERAS_FILE
         if path.exists():
             return str(path), int(values["tuner/initial_epoch"])
-        model_id = tracking.trial_model(self.client, self.search_run_id, previous)
-        return (f"models:/{model_id}", int(values["tuner/initial_epoch"])) if model_id else (None, 0)
+        uri = tracking.trial_model(self.client, self.search_run_id, previous)
+        return (uri, int(values["tuner/initial_epoch"])) if uri else (None, 0)
 
 
 def _shown(values: dict[str, Any]) -> str:

@@ -189,14 +189,14 @@ def test_a_worker_on_other_images_or_after_the_end_is_turned_away_in_one_line(di
 
 def test_a_trial_can_start_from_the_weights_of_a_model_in_mlflow(distributed_search, tmp_path):
     client, search = distributed_search["client"], distributed_search["search"]
-    model_id = tracking.trial_model(client, search.info.run_id, "0")
-    assert model_id is not None
+    checkpoint = tracking.trial_model(client, search.info.run_id, "0")
+    assert checkpoint is not None
     space = spaces.load("vanilla").pin(["input_size=32"])
     spec = trial.Spec("9", "not-a-run", space.config(space.defaults()), epochs=3, initial_epoch=1,
-                      trial_dir=str(tmp_path), warm_start=f"models:/{model_id}")  # trial 0 is the baseline
+                      trial_dir=str(tmp_path), warm_start=checkpoint)  # trial 0 is the baseline
     mlflow.set_tracking_uri(distributed_search["uri"])
     continued = trial._build(spec, 3).get_weights()
-    logged = tracking.load_keras(f"models:/{model_id}").get_weights()
+    logged = tracking.load_keras(checkpoint).get_weights()
     assert len(continued) == len(logged)
     for mine, theirs in zip(continued, logged):
         np.testing.assert_array_equal(mine, theirs)
@@ -281,8 +281,7 @@ def test_a_hyperband_round_continues_from_the_previous_round_on_whichever_worker
             assert run.data.tags["warm_start"].endswith(f"trial_{previous_id}/model.keras")
         else:  # that round ran on the other worker, whose disk this one cannot read
             search_id = run.data.tags["mlflow.parentRunId"]
-            model_id = tracking.trial_model(client, search_id, previous_id)
-            assert run.data.tags["warm_start"] == f"models:/{model_id}"
+            assert run.data.tags["warm_start"] == tracking.trial_model(client, search_id, previous_id)
 
 
 def test_a_worker_id_with_the_word_chief_is_refused():

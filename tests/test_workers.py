@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -76,7 +77,8 @@ def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, wo
     assert reply.error is None and "val_loss" in reply.metrics
     assert client.get_run(run_id).info.status == "RUNNING"  # recorded in full, not yet claimed as done
     assert tracking.trial_result(client, search_id, "0") is None  # a resume would run it: nothing FINISHED
-    assert recorder.finish(client, run_id, workdir / tracking.PENDING, Progress("off", 1, "val_loss"))  # as the search
+    assert recorder.finish(client, run_id, workdir / tracking.PENDING, Progress("off", 1, "val_loss"), search_id,
+                           "val_loss")  # as the search
     assert tracking.trial_result(client, search_id, "0") == pytest.approx(reply.metrics)  # a resume would not
 
 
@@ -108,14 +110,67 @@ def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_r
     assert not (project / "trial_0" / tracking.PENDING).exists() and not half.exists()
 
 
+def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_asked(workdir):
+    """The search draws figures and packages the MLflow model at once only for the trials a user looks at: each new
+    best and the baseline. Any other trial keeps its scores and its data (checkpoint, predictions, Grad-CAM sample)
+    and gets the rest from them on request: here `covidsearch figures`, as promote, predict or serve would."""
+    import keras
+
+    from covidsearch import data, models, plots, recorder, serving
+    from covidsearch.progress import Progress
+
+    client, experiment_id = tracking.connect()
+    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+    client.log_param(search_id, tracking.OBJECTIVE_DIRECTION, "min")
+    classes, labels = list(data.DEFAULT_CLASSES), np.arange(3)
+    model = models.build({"model": "convnet", "input_size": 32, "filters": 1, "dense_units": 1, "dropout": 0.0,
+                          "learning_rate": 1e-3}, 3)
+    images, probs = np.zeros((3, 32, 32, 3), dtype=np.uint8), np.eye(3)
+    keras_file = workdir / tracking.KERAS_FILE
+    models.save(model, keras_file)
+    cams = plots.cams(model, images, labels, probs)
+    keep = recorder.Recorder(client, search_id, "val_loss", Progress("off", None, "val_loss"))
+    trials = {}
+    for name, val_loss, baseline in (("first", 0.5, False), ("worse", 0.7, False), ("better", 0.4, False),
+                                     ("baseline", 0.9, True)):
+        run_id = tracking.start_trial(client, search_id, str(len(trials)), "tuner0", baseline, {})
+        folder = workdir / name / tracking.PENDING
+        recorder.write(folder, run_id, keras_file, serving.Classifier.of(model, classes), cams, labels, probs,
+                       {"loss": [1.0], "accuracy": [0.5]}, [{"val_loss": val_loss, "val_accuracy": 0.5}], 0, 0,
+                       {"best_val_loss": val_loss}, baseline)
+        keep.hold(run_id, folder)
+        trials[name] = run_id
+    keep.close()
+    keras.backend.clear_session()
+
+    def figures(run_id: str) -> set[str]:
+        return {Path(a.path).name for a in client.list_artifacts(run_id, tracking.FIGURES)}
+
+    made = {name: (figures(run_id), tracking.logged_model(client, client.get_run(run_id)) is not None)
+            for name, run_id in trials.items()}
+    everything = set(tracking.FIGURE_FILES.values())
+    assert made == {"first": (everything, True), "worse": (set(), False), "better": (everything, True),
+                    "baseline": (everything, True)}
+    worse = client.get_run(trials["worse"])
+    assert worse.info.status == "FINISHED" and "test_accuracy" in worse.data.metrics
+    assert tracking.load_keras(tracking.keras_uri(client, worse)).count_params() == model.count_params()
+
+    result = cli("figures", trials["worse"], cwd=workdir)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert figures(trials["worse"]) == everything
+    assert f"models:/{tracking.logged_model(client, worse)}" in result.stdout
+
+
 def _trials_by_id(work: Path) -> dict[str, Any]:
     return {r.data.tags[tracking.TRIAL_ID]: r for r in runs(work, "trial")}
 
 
 def test_a_recycled_workers_trials_are_recorded_like_any_other(xray_dir, workdir):
     """Trial 1 is its worker's second trial, trial 2 the first of the worker that replaced it: both are recorded as
-    the fresh worker's first trial is, and each run says which process ran it."""
-    result = cli("run", "--data", str(xray_dir), "--max-trials", "3", "--trials-per-worker", "2", *SMALL, cwd=workdir)
+    the fresh worker's first trial is (with --figures every, each in full), and each run says which process ran it."""
+    result = cli("run", "--data", str(xray_dir), "--max-trials", "3", "--trials-per-worker", "2", "--figures", "every",
+                 *SMALL, cwd=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     client, _ = store(workdir)
     trials = _trials_by_id(workdir)
