@@ -331,7 +331,8 @@ def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run
     sign = 1 if minimised(search.params) else -1
     if score is None or (best is not None and sign * score >= sign * best):
         return False
-    found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}), tags=[RunTag(BEST_TRIAL, trial_run_id)])
+    found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
+                    tags=[RunTag(BEST_TRIAL, trial_run_id)])
     return True
 
 

@@ -163,8 +163,10 @@ def test_every_trial_is_one_finished_child_of_the_one_search(distributed_search)
     for run in trials:
         assert run.info.run_id in distributed_search["leaderboard"]  # the chief prints the leaderboard
         assert "test_accuracy" in run.data.metrics
-        assert distributed_search["client"].search_logged_models(
-            [distributed_search["experiment_id"]], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert tracking.keras_uri(distributed_search["client"], run)  # its checkpoint, from whichever worker ran it
+    best = search.data.tags["best_trial_run_id"]  # its MLflow model made as it was recorded
+    assert distributed_search["client"].search_logged_models([distributed_search["experiment_id"]],
+                                                             filter_string=f"source_run_id = '{best}'")
 
 
 def test_both_workers_ran_trials_and_say_how_many(distributed_search):

@@ -116,7 +116,7 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
     and gets the rest from them on request: here `covidsearch figures`, as promote, predict or serve would."""
     import keras
 
-    from covidsearch import data, models, plots, recorder, serving
+    from covidsearch import data, models, plots, recorder, registry, serving
     from covidsearch.progress import Progress
 
     client, experiment_id = tracking.connect()
@@ -132,7 +132,7 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
     keep = recorder.Recorder(client, search_id, "val_loss", Progress("off", None, "val_loss"))
     trials = {}
     for name, val_loss, baseline in (("first", 0.5, False), ("worse", 0.7, False), ("better", 0.4, False),
-                                     ("baseline", 0.9, True)):
+                                     ("baseline", 0.9, True), ("worst", 0.95, False)):
         run_id = tracking.start_trial(client, search_id, str(len(trials)), "tuner0", baseline, {})
         folder = workdir / name / tracking.PENDING
         recorder.write(folder, run_id, keras_file, serving.Classifier.of(model, classes), cams, labels, probs,
@@ -150,7 +150,7 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
             for name, run_id in trials.items()}
     everything = set(tracking.FIGURE_FILES.values())
     assert made == {"first": (everything, True), "worse": (set(), False), "better": (everything, True),
-                    "baseline": (everything, True)}
+                    "baseline": (everything, True), "worst": (set(), False)}
     worse = client.get_run(trials["worse"])
     assert worse.info.status == "FINISHED" and "test_accuracy" in worse.data.metrics
     assert tracking.load_keras(tracking.keras_uri(client, worse)).count_params() == model.count_params()
@@ -160,6 +160,11 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
     assert result.returncode == 0, result.stderr[-2000:]
     assert figures(trials["worse"]) == everything
     assert f"models:/{tracking.logged_model(client, worse)}" in result.stdout
+    promoted = registry.promote(client, trials["worst"])  # made on the way, as predict, evaluate and serve do
+    worst = client.get_run(trials["worst"])
+    version = registry.model_version(client, promoted.name, promoted.version)
+    assert version.source == f"models:/{tracking.logged_model(client, worst)}"
+    assert figures(trials["worst"]) == everything
 
 
 def _trials_by_id(work: Path) -> dict[str, Any]:
