@@ -141,9 +141,9 @@ class Recorder:
     sends it, and the worker would wait."""
 
     def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress,
-                 every: bool = False):
+                 figures: str = "best"):
         self.client, self.search_run_id, self.objective, self.progress = client, search_run_id, objective, progress
-        self.every = every  # every trial's figures and MLflow model at once, not only the best's and the baseline's
+        self.every = figures == "every"  # every trial's figures and MLflow model at once, not only new bests'
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
                                           initializer=_yield_to_training)
         self._held: list[tuple[str, Path]] = []
@@ -185,7 +185,7 @@ def _yield_to_training() -> None:
 
 
 def recover(client: MlflowClient, project: Path, search_run_id: str, objective: str, progress: Progress,
-            every: bool = False) -> list[str]:
+            figures: str = "best") -> list[str]:
     """Log the records a killed search left in its project's trial folders, before the search resumes: their runs
     end FINISHED, so their trials are not trained again. A half-written record is dropped (its trial runs again).
     Returns the runs finished."""
@@ -196,7 +196,7 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
         run_id = json.loads((folder / tracking.TRIAL_FACTS).read_text())["run_id"]
         if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
-        elif finish(client, run_id, folder, progress, search_run_id, objective, every):
+        elif finish(client, run_id, folder, progress, search_run_id, objective, figures == "every"):
             progress.notice(f"trial run {run_id}: its record, not yet logged when the search stopped, is logged now")
             recovered.append(run_id)
     if recovered:

@@ -231,7 +231,7 @@ def _tuner(s: _Setup, opts: Options, search_run_id: str, pools: list[Pool], dire
     oracle.keep_workers_trials = bool(opts.oracle)  # read when the tuner reloads a resumed chief's oracle
     tuner = Tuner(oracle, s.space, s.plan, max_epochs, s.client, search_run_id, pools, str(directory), project_name,
                   s.progress, recorder.Recorder(s.client, search_run_id, s.settings["objective"], s.progress,
-                                                opts.figures == "every"))
+                                                opts.figures))
     tuner.oracle.max_trials = max_trials
     return tuner
 
@@ -279,7 +279,7 @@ def _start_or_resume(s: _Setup, opts: Options, directory: Path) -> tuple[str, st
         tracking.get_run(s.client, search_run_id)
         if not opts.oracle:  # a chief's trials may still be training on their workers; a restarted one closes its own
             recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress,
-                     opts.figures == "every")
+                             opts.figures)
             for run_id in tracking.close_orphans(s.client, search_run_id):
                 s.progress.notice(f"trial run {run_id} was in flight when the search stopped: marked KILLED, it runs "
                                   "again")
@@ -398,7 +398,7 @@ def work(opts: Options) -> WorkerResult:
         raise SearchError(f"worker {worker_id} is already running here: give this one another --worker-id")
     distributed.check_not_running(s.client, search_run_id, worker_id)
     recorder.recover(s.client, directory / project_name, search_run_id, s.settings["objective"], s.progress,
-                     opts.figures == "every")
+                     opts.figures)
     for run_id in tracking.close_orphans(s.client, search_run_id, worker_id=worker_id):
         s.progress.notice(f"trial run {run_id} was in flight when worker {worker_id} stopped: marked KILLED, "
                           "it runs again")
