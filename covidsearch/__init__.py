@@ -13,7 +13,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the search pr
 
 __version__ = "0.1.0"
 DEFAULT_NAME, DEFAULT_ALIAS = "covid-cxr", "champion"  # the registered model and alias `promote` moves
-FIGURES_FOR = ("best", "every")  # whose figures and MLflow model a search makes as its trials end (--figures)
+FIGURES_EVERY = "every"  # --figures: every trial's figures and MLflow model made as it ends, not each new best's only
+FIGURES_FOR = ("best", FIGURES_EVERY)  # --figures' choices, the default first
 
 
 class UserError(Exception):

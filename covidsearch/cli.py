@@ -171,7 +171,7 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-worker-growth", type=float, default=workers.MAX_GROWTH, metavar="PCT",
                    help="replace a worker process once its memory after a trial, or its peak, is PCT%% above what "
                         "it was after its largest trial so far (default %(default)g)")
-    p.add_argument("--figures", choices=FIGURES_FOR, default="best",
+    p.add_argument("--figures", choices=FIGURES_FOR, default=FIGURES_FOR[0],
                    help="whose figures and MLflow model are made as the trials end: best (default): each trial that "
                         "improves the search's best, and the baseline; any other trial's when asked for (promote, "
                         "predict, evaluate, serve, report, `covidsearch figures`); every: all trials' (slower for "

@@ -10,9 +10,9 @@ worker that dies in its next trial loses none of it, and what a killed search ha
 when it resumes (`recover`).
 
 The figures and the MLflow model (`complete`) are made at once for the trials a user looks at: each that improves
-the search's best, and the baseline (or every trial, `every`). Any other trial's are made from its logged data when
-something asks for them (`completed`: promote, predict, evaluate, serve, report, `covidsearch figures`): drawn for
-every trial, they were most of the search process's work beside a small trial's training.
+the search's best, and the baseline (or every trial, --figures every). Any other trial's are made from its logged
+data when something asks for them (`complete_later`: promote, predict, evaluate, serve, report, `covidsearch
+figures`): drawn for every trial, they were most of the search process's work beside a small trial's training.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from . import metrics, plots, serving, tracking
+from . import FIGURES_EVERY, FIGURES_FOR, metrics, plots, serving, tracking
 from .progress import Progress
 
 def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
@@ -64,23 +64,25 @@ def _link(source: Path, link: Path) -> None:
         shutil.copy2(source, link)
 
 
-def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objective: str, every: bool) -> None:
+def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objective: str, figures: str) -> bool:
     """A pending record logged to its run: the trial's closing metrics, the test scores with their bootstrap
-    intervals and the confusion table, its data; its figures and MLflow model too if it is the search's new best or
-    its baseline, or `every`; and the seconds that took. Keeps the search's best trial current."""
+    intervals and the confusion table, its data; its figures and MLflow model too if it beats the search's best or
+    is its baseline, or for every trial (`figures`); and the seconds that took. Returns whether it beats the best."""
     started = time.perf_counter()
     record, arrays = _read(folder)
     run_id, classes, y_test, test_probs = record["run_id"], record["classes"], arrays["y_test"], arrays["test_probs"]
-    scores = {**record.get("closing", {}),  # absent from a record an older worker wrote: it logged them itself
-              **{f"{tracking.TEST}{k}": v for k, v in metrics.evaluate(y_test, test_probs, classes).items()}}
+    scores = {**record["closing"], **{f"{tracking.TEST}{k}": v
+                                      for k, v in metrics.evaluate(y_test, test_probs, classes).items()}}
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
     client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)
     client.log_artifacts(run_id, str(folder), tracking.TRIAL_DATA)
     client.log_batch(run_id, metrics=tracking.metrics(scores))
-    if tracking.note_best(client, search_run_id, objective, run_id) or every or record["baseline"]:
+    best = tracking.new_best(client, search_run_id, objective, run_id) is not None
+    if best or record["baseline"] or figures == FIGURES_EVERY:
         complete(client, folder)
     client.log_metric(run_id, tracking.RECORD_SECONDS, time.perf_counter() - started)
+    return best
 
 
 def complete(client: MlflowClient, folder: Path) -> str:
@@ -100,12 +102,12 @@ def complete(client: MlflowClient, folder: Path) -> str:
     return uri.removeprefix("models:/")
 
 
-def completed(client: MlflowClient, run: Any) -> str | None:
-    """The MLflow model id of a finished trial, made now with its figures from its logged data when its search left
-    them for later (it did not improve the best); None for a run with neither (one that did not finish)."""
-    model_id = tracking.logged_model(client, run)
-    if model_id or tracking.keras_uri(client, run) is None:
-        return model_id
+def complete_later(client: MlflowClient, run: Any) -> str | None:
+    """A finished trial's figures and MLflow model made now from its logged data, for a trial that has no model yet
+    (its search left them for later: it did not beat the best); returns the model's id, None for a run without
+    trial data (one recorded before there were any, or that did not finish)."""
+    if tracking.checkpoint_uri(client, run) is None:
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(client.download_artifacts(run.info.run_id, tracking.TRIAL_DATA, tmp))
         return complete(client, folder)
@@ -117,19 +119,33 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return json.loads((folder / tracking.TRIAL_FACTS).read_text()), dict(arrays)
 
 
+def _upgrade(folder: Path) -> None:
+    """A pending record left by an older version (killed, then upgraded, then resumed) in today's form: it named
+    the checkpoint instead of linking it, and had no baseline flag (its baseline gets figures on request)."""
+    record = json.loads((folder / tracking.TRIAL_FACTS).read_text())
+    old_checkpoint = Path(record.pop("keras_file", ""))
+    if old_checkpoint.is_file() and not (folder / tracking.KERAS_FILE).exists():
+        _link(old_checkpoint, folder / tracking.KERAS_FILE)
+    record.setdefault("baseline", False)
+    record.setdefault("closing", {})  # the oldest workers logged their closing metrics themselves
+    (folder / tracking.TRIAL_FACTS).write_text(json.dumps(record))
+
+
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, search_run_id: str, objective: str,
-           every: bool = False) -> bool:
-    """Log the pending record and end its run FINISHED, then drop the record; a record that cannot be logged fails
-    its run, said on the console, and the search goes on. An interrupt leaves it for `recover`. Returns whether
-    the run finished."""
+           figures: str = FIGURES_FOR[0]) -> bool:
+    """Log the pending record and end its run FINISHED, then name it the search's best if it is, and drop the record;
+    a record that cannot be logged fails its run, said on the console, and the search goes on. An interrupt leaves it
+    for `recover`. Returns whether the run finished."""
     try:
-        log_pending(client, folder, search_run_id, objective, every)
+        best = log_pending(client, folder, search_run_id, objective, figures)
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
         tracking.fail_trial(client, run_id, f"its record could not be logged: {type(err).__name__}: {err}")
         progress.notice(f"trial run {run_id}: its record could not be logged ({err}): marked FAILED")
         shutil.rmtree(folder, ignore_errors=True)
         return False
     tracking.finish_trial(client, run_id)
+    if best:
+        tracking.note_best(client, search_run_id, objective, run_id)
     shutil.rmtree(folder, ignore_errors=True)
     return True
 
@@ -141,9 +157,9 @@ class Recorder:
     sends it, and the worker would wait."""
 
     def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress,
-                 figures: str = "best"):
+                 figures: str = FIGURES_FOR[0]):
         self.client, self.search_run_id, self.objective, self.progress = client, search_run_id, objective, progress
-        self.every = figures == "every"  # every trial's figures and MLflow model at once, not only new bests'
+        self.figures = figures  # --figures: whose figures and MLflow model are made at once
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
                                           initializer=_yield_to_training)
         self._held: list[tuple[str, Path]] = []
@@ -163,7 +179,7 @@ class Recorder:
             self._queued += [self._thread.submit(self._record, run_id, folder) for run_id, folder in held]
 
     def _record(self, run_id: str, folder: Path) -> None:
-        finish(self.client, run_id, folder, self.progress, self.search_run_id, self.objective, self.every)
+        finish(self.client, run_id, folder, self.progress, self.search_run_id, self.objective, self.figures)
 
     def close(self) -> None:
         """Log every record held and wait until all are in (an interrupt leaves the rest on disk, for `recover`)."""
@@ -185,20 +201,22 @@ def _yield_to_training() -> None:
 
 
 def recover(client: MlflowClient, project: Path, search_run_id: str, objective: str, progress: Progress,
-            figures: str = "best") -> list[str]:
+            figures: str = FIGURES_FOR[0]) -> list[str]:
     """Log the records a killed search left in its project's trial folders, before the search resumes: their runs
     end FINISHED, so their trials are not trained again. A half-written record is dropped (its trial runs again).
     Returns the runs finished."""
     for partial in project.glob(f"trial_*/{tracking.PENDING}.partial"):
         shutil.rmtree(partial)
+    left = sorted(project.glob(f"trial_*/{tracking.PENDING}"))
     recovered = []
-    for folder in sorted(project.glob(f"trial_*/{tracking.PENDING}")):
+    for folder in left:
+        _upgrade(folder)
         run_id = json.loads((folder / tracking.TRIAL_FACTS).read_text())["run_id"]
         if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
-        elif finish(client, run_id, folder, progress, search_run_id, objective, figures == "every"):
+        elif finish(client, run_id, folder, progress, search_run_id, objective, figures):
             progress.notice(f"trial run {run_id}: its record, not yet logged when the search stopped, is logged now")
             recovered.append(run_id)
-    if recovered:
+    if left:  # a run killed between FINISHED and being named best is named now
         tracking.record_best(client, search_run_id, objective)
     return recovered

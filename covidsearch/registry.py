@@ -105,9 +105,9 @@ def finished_trial(client: MlflowClient, run_id: str) -> Trial:
                             + (f" (its error: {error[0][:200]})" if error else ""))
     model_id = tracking.logged_model(client, run)
     if model_id is None:
-        from .recorder import completed  # Keras, only for a trial whose search left its model for later
+        from .recorder import complete_later  # Keras, only for a trial whose search left its model for later
 
-        model_id = completed(client, run)
+        model_id = complete_later(client, run)
     if model_id is None:
         raise RegistryError(f"run {run_id} has no logged model named {tracking.MODEL!r}")
     trial = Trial(run, model_id, _parent(client, run))

@@ -321,19 +321,23 @@ def record_best(found: MlflowClient, search_run_id: str, objective: str) -> None
         found.log_metric(search_run_id, f"{BEST}{objective}", rows[0]["objective"])
 
 
-def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str) -> bool:
-    """The search run's best trial id and score kept current as a trial is recorded, at the cost of two reads whatever
-    the number of trials: record_best reads every trial, which a long search would pay for each. Returns whether this
-    trial is the new best."""
+def new_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str) -> float | None:
+    """The trial's score if it beats the search run's best so far, else None: two reads whatever the number of trials,
+    where record_best reads every trial, which a long search would pay for each."""
     score = get_run(found, trial_run_id).data.metrics.get(f"{BEST}{objective}")
     search = get_run(found, search_run_id).data
     best = search.metrics.get(f"{BEST}{objective}")
     sign = 1 if minimised(search.params) else -1
-    if score is None or (best is not None and sign * score >= sign * best):
-        return False
-    found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
-                    tags=[RunTag(BEST_TRIAL, trial_run_id)])
-    return True
+    return None if score is None or (best is not None and sign * score >= sign * best) else score
+
+
+def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str) -> None:
+    """Name a finished trial the search run's best, with its score, if it beats the best so far (asked again here:
+    another worker's trial may have beaten it meanwhile): what the UI shows of a running search stays current."""
+    score = new_best(found, search_run_id, objective, trial_run_id)
+    if score is not None:
+        found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
+                        tags=[RunTag(BEST_TRIAL, trial_run_id)])
 
 
 # ---------------------------------------------------------------- trials
@@ -487,11 +491,19 @@ def logged_model(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
     return ready[0].model_id if ready else None
 
 
-def keras_uri(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
-    """Where a finished trial's Keras model can be loaded from (load_keras): its checkpoint among its trial data, or
-    the logged model of a trial recorded before there were any."""
+def checkpoint_uri(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
+    """The trial's checkpoint among its logged trial data (runs:/...), if it has any."""
     if any(Path(a.path).name == KERAS_FILE for a in found.list_artifacts(run.info.run_id, TRIAL_DATA)):
         return f"runs:/{run.info.run_id}/{TRIAL_DATA}/{KERAS_FILE}"
+    return None
+
+
+def keras_uri(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
+    """Where a finished trial's Keras model can be loaded from (load_keras): its checkpoint, or the logged model of a
+    trial recorded before trials had logged data."""
+    checkpoint = checkpoint_uri(found, run)
+    if checkpoint:
+        return checkpoint
     model_id = logged_model(found, run)
     return f"models:/{model_id}" if model_id else None
 

@@ -110,61 +110,133 @@ def test_a_trial_whose_model_the_killed_search_had_not_logged_yet_is_logged_on_r
     assert not (project / "trial_0" / tracking.PENDING).exists() and not half.exists()
 
 
+class _Records:
+    """Pending records of small trials of one search run, as its workers leave them: only their best val_loss and
+    whether they are the baseline differ."""
+
+    def __init__(self, workdir: Path):
+        from covidsearch import data, models, plots, serving
+
+        self.workdir = workdir
+        self.client, experiment_id = tracking.connect()
+        self.search_id = tracking.create_run(self.client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+        self.client.log_param(self.search_id, tracking.OBJECTIVE_DIRECTION, "min")
+        self.model = models.build({"model": "convnet", "input_size": 32, "filters": 1, "dense_units": 1,
+                                   "dropout": 0.0, "learning_rate": 1e-3}, 3)
+        self.keras_file = workdir / tracking.KERAS_FILE
+        models.save(self.model, self.keras_file)
+        self.labels, self.probs = np.arange(3), np.eye(3)
+        self.served = serving.Classifier.of(self.model, list(data.DEFAULT_CLASSES))
+        self.cams = plots.cams(self.model, np.zeros((3, 32, 32, 3), dtype=np.uint8), self.labels, self.probs)
+
+    def write(self, name: str, val_loss: float, baseline: bool = False) -> tuple[str, Path]:
+        """Trial `name`'s run, started, and its pending record, written as its worker writes it."""
+        from covidsearch import recorder
+
+        run_id = tracking.start_trial(self.client, self.search_id, name, "tuner0", baseline, {})
+        folder = self.workdir / name / tracking.PENDING
+        recorder.write(folder, run_id, self.keras_file, self.served, self.cams, self.labels, self.probs,
+                       {"loss": [1.0], "accuracy": [0.5]}, [{"val_loss": val_loss, "val_accuracy": 0.5}], 0, 0,
+                       {"best_val_loss": val_loss}, baseline)
+        return run_id, folder
+
+    def figures(self, run_id: str) -> set[str]:
+        return {Path(a.path).name for a in self.client.list_artifacts(run_id, tracking.FIGURES)}
+
+
 def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_asked(workdir):
     """The search draws figures and packages the MLflow model at once only for the trials a user looks at: each new
     best and the baseline. Any other trial keeps its scores and its data (checkpoint, predictions, Grad-CAM sample)
     and gets the rest from them on request: here `covidsearch figures`, as promote, predict or serve would."""
     import keras
 
-    from covidsearch import data, models, plots, recorder, registry, serving
+    from covidsearch import recorder, registry
     from covidsearch.progress import Progress
 
-    client, experiment_id = tracking.connect()
-    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
-    client.log_param(search_id, tracking.OBJECTIVE_DIRECTION, "min")
-    classes, labels = list(data.DEFAULT_CLASSES), np.arange(3)
-    model = models.build({"model": "convnet", "input_size": 32, "filters": 1, "dense_units": 1, "dropout": 0.0,
-                          "learning_rate": 1e-3}, 3)
-    images, probs = np.zeros((3, 32, 32, 3), dtype=np.uint8), np.eye(3)
-    keras_file = workdir / tracking.KERAS_FILE
-    models.save(model, keras_file)
-    cams = plots.cams(model, images, labels, probs)
-    keep = recorder.Recorder(client, search_id, "val_loss", Progress("off", None, "val_loss"))
+    records = _Records(workdir)
+    client = records.client
+    keep = recorder.Recorder(client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
     trials = {}
     for name, val_loss, baseline in (("first", 0.5, False), ("worse", 0.7, False), ("better", 0.4, False),
                                      ("baseline", 0.9, True), ("worst", 0.95, False)):
-        run_id = tracking.start_trial(client, search_id, str(len(trials)), "tuner0", baseline, {})
-        folder = workdir / name / tracking.PENDING
-        recorder.write(folder, run_id, keras_file, serving.Classifier.of(model, classes), cams, labels, probs,
-                       {"loss": [1.0], "accuracy": [0.5]}, [{"val_loss": val_loss, "val_accuracy": 0.5}], 0, 0,
-                       {"best_val_loss": val_loss}, baseline)
-        keep.hold(run_id, folder)
-        trials[name] = run_id
+        trials[name], folder = records.write(name, val_loss, baseline)
+        keep.hold(trials[name], folder)
     keep.close()
     keras.backend.clear_session()
 
-    def figures(run_id: str) -> set[str]:
-        return {Path(a.path).name for a in client.list_artifacts(run_id, tracking.FIGURES)}
-
-    made = {name: (figures(run_id), tracking.logged_model(client, client.get_run(run_id)) is not None)
+    made = {name: (records.figures(run_id), tracking.logged_model(client, client.get_run(run_id)) is not None)
             for name, run_id in trials.items()}
     everything = set(tracking.FIGURE_FILES.values())
     assert made == {"first": (everything, True), "worse": (set(), False), "better": (everything, True),
                     "baseline": (everything, True), "worst": (set(), False)}
     worse = client.get_run(trials["worse"])
     assert worse.info.status == "FINISHED" and "test_accuracy" in worse.data.metrics
-    assert tracking.load_keras(tracking.keras_uri(client, worse)).count_params() == model.count_params()
+    assert tracking.load_keras(tracking.keras_uri(client, worse)).count_params() == records.model.count_params()
 
     result = cli("figures", trials["worse"], cwd=workdir)
 
     assert result.returncode == 0, result.stderr[-2000:]
-    assert figures(trials["worse"]) == everything
+    assert records.figures(trials["worse"]) == everything
     assert f"models:/{tracking.logged_model(client, worse)}" in result.stdout
     promoted = registry.promote(client, trials["worst"])  # made on the way, as predict, evaluate and serve do
     worst = client.get_run(trials["worst"])
     version = registry.model_version(client, promoted.name, promoted.version)
     assert version.source == f"models:/{tracking.logged_model(client, worst)}"
-    assert figures(trials["worst"]) == everything
+    assert records.figures(trials["worst"]) == everything
+
+
+def test_a_better_trial_whose_model_cannot_be_logged_is_never_named_the_best(workdir, monkeypatch):
+    """A trial that beats the best gets its figures and MLflow model at once; when they cannot be made (here the
+    disk fills while drawing), its run fails, and the search run, which the UI and `promote` read, must not name a
+    FAILED trial its best even for a while: the best is named once the run is FINISHED."""
+    from covidsearch import plots, recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    first, first_folder = records.write("first", 0.5)
+    better, better_folder = records.write("better", 0.4)
+    progress = Progress("off", None, "val_loss")
+    assert recorder.finish(records.client, first, first_folder, progress, records.search_id, "val_loss")
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "write_trial_figures", disk_full)
+    assert not recorder.finish(records.client, better, better_folder, progress, records.search_id, "val_loss")
+
+    assert records.client.get_run(better).info.status == "FAILED"
+    search = records.client.get_run(records.search_id).data
+    assert search.tags[tracking.BEST_TRIAL] == first
+    assert search.metrics["best_val_loss"] == 0.5
+
+
+def test_a_record_left_by_an_older_version_is_logged_on_resume(workdir):
+    """Killed, upgraded, resumed: the pending record an older covidsearch left names its checkpoint instead of
+    holding it and has no baseline flag; it is logged all the same, the model included, and not trained again."""
+    import json
+
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    project = workdir / "project"
+    run_id, folder = records.write("trial_0", 0.5)
+    facts = json.loads((folder / tracking.TRIAL_FACTS).read_text())
+    del facts["baseline"]
+    facts["keras_file"] = str(records.keras_file)
+    (folder / tracking.TRIAL_FACTS).write_text(json.dumps(facts))
+    (folder / tracking.KERAS_FILE).unlink()
+    project.mkdir()
+    folder.parent.rename(project / "trial_0")
+
+    recovered = recorder.recover(records.client, project, records.search_id, "val_loss",
+                                 Progress("off", None, "val_loss"))
+
+    assert recovered == [run_id]
+    run = records.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert tracking.load_keras(tracking.keras_uri(records.client, run)).count_params() == records.model.count_params()
+    assert records.client.get_run(records.search_id).data.tags[tracking.BEST_TRIAL] == run_id
 
 
 def _trials_by_id(work: Path) -> dict[str, Any]:
