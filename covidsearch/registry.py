@@ -103,17 +103,24 @@ def finished_trial(client: MlflowClient, run_id: str) -> Trial:
         error = run.data.tags.get(tracking.ERROR, "").splitlines()
         raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED: only a finished trial's model can be used"
                             + (f" (its error: {error[0][:200]})" if error else ""))
-    model_id = tracking.logged_model(client, run)
-    if model_id is None:
-        from .recorder import complete_later  # Keras, only for a trial whose search left its model for later
-
-        model_id = complete_later(client, run)
+    model_id = trial_model_id(client, run)
     if model_id is None:
         raise RegistryError(f"run {run_id} has no logged model named {tracking.MODEL!r}")
     trial = Trial(run, model_id, _parent(client, run))
     if not trial.test_metrics:
         raise RegistryError(f"run {run_id} has no test metrics (test_accuracy, ...): it cannot be judged")
     return trial
+
+
+def trial_model_id(client: MlflowClient, run: Any) -> str | None:
+    """A finished trial's MLflow model id: the one its search logged, or one made now with its figures from its logged
+    data where the search left them for later (it did not beat the best); None for a run with neither."""
+    model_id = tracking.logged_model(client, run)
+    if model_id is None:
+        from .recorder import complete_later  # Keras, only for a trial whose search left its model for later
+
+        model_id = complete_later(client, run)
+    return model_id
 
 
 def check_gates(values: dict[str, float], require: Sequence[str], what: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Collection
 
 from mlflow.tracking import MlflowClient
 
-from . import metrics, plots, recorder, text, tracking
+from . import metrics, plots, registry, text, tracking
 from .data import metric_safe
 
 CAPTIONS = {"curves": "Training and validation curves", "confusion": "Confusion matrix (test)",
@@ -73,8 +73,8 @@ def gather(client: MlflowClient, search_id: str) -> Search:
     records = tracking.search_records(client, search_id)
     skipped = list(csv.DictReader(io.StringIO(records["skipped"])))
     files = tracking.FIGURE_FILES
-    if best and tracking.logged_model(client, best) is None:
-        recorder.complete_later(client, best)  # its search left its figures for later
+    if best:
+        registry.trial_model_id(client, best)  # its figures too, where its search left them for later
     figures = tracking.artifacts(client, best.info.run_id, tracking.FIGURES, files.values()) if best else {}
     return Search(run, rows, run.data.params.get("objective", "val_loss"),
                   tracking.minimised(run.data.params), records["summary"], records["leakage"],
