@@ -119,16 +119,19 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return json.loads((folder / tracking.TRIAL_FACTS).read_text()), dict(arrays)
 
 
-def _upgrade(folder: Path) -> None:
-    """A pending record left by an older version (killed, then upgraded, then resumed) in today's form: it named
-    the checkpoint instead of linking it, and had no baseline flag (its baseline gets figures on request)."""
+def _upgraded(folder: Path) -> dict[str, Any]:
+    """A pending record's facts, rewritten in today's form where an older version (killed, then upgraded, then
+    resumed) left it: that named the checkpoint instead of linking it, and had no baseline flag (its baseline gets
+    figures on request)."""
     record = json.loads((folder / tracking.TRIAL_FACTS).read_text())
-    old_checkpoint = Path(record.pop("keras_file", ""))
-    if old_checkpoint.is_file() and not (folder / tracking.KERAS_FILE).exists():
-        _link(old_checkpoint, folder / tracking.KERAS_FILE)
-    record.setdefault("baseline", False)
-    record.setdefault("closing", {})  # the oldest workers logged their closing metrics themselves
-    (folder / tracking.TRIAL_FACTS).write_text(json.dumps(record))
+    if "keras_file" in record or "baseline" not in record or "closing" not in record:
+        old_checkpoint = Path(record.pop("keras_file", ""))
+        if old_checkpoint.is_file() and not (folder / tracking.KERAS_FILE).exists():
+            _link(old_checkpoint, folder / tracking.KERAS_FILE)
+        record.setdefault("baseline", False)
+        record.setdefault("closing", {})  # the oldest workers logged their closing metrics themselves
+        (folder / tracking.TRIAL_FACTS).write_text(json.dumps(record))
+    return record
 
 
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, search_run_id: str, objective: str,
@@ -210,8 +213,7 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
     left = sorted(project.glob(f"trial_*/{tracking.PENDING}"))
     recovered = []
     for folder in left:
-        _upgrade(folder)
-        run_id = json.loads((folder / tracking.TRIAL_FACTS).read_text())["run_id"]
+        run_id = _upgraded(folder)["run_id"]
         if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
         elif finish(client, run_id, folder, progress, search_run_id, objective, figures):
