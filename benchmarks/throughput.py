@@ -25,12 +25,17 @@ system, of each command and every process it waited for: its workers included). 
 by more than the 2% to be measured from one run to the next on a shared machine (a worker's memory decides when it is
 recycled, a recycling costs a standby's start-up, and a 2-epoch fit itself varies by a tenth), so the overhead is the
 mean over rounds (whose order of sides alternates) with its 95% interval, and the target is called met only when the
-whole interval is at or under it. Each side first runs two unreported trials (--no-warm-up skips them): the first
+whole interval is at or under it. Which trials a worker process is replaced after is itself such noise: the memory
+bound is crossed after different trials in each run (two or three replacements a search, each a standby's start-up
+beside the training); --recycle-every N replaces every worker after N trials and never for its memory, on both
+covidsearch sides, so that they differ only in their tracking (the report says, for either policy, how many workers
+each side replaced and their memory after a trial: whether tracking itself makes the workers grow). Each side first runs two unreported trials (--no-warm-up skips them): the first
 command on a fresh machine runs cold. Figures are printed, never asserted:
 
     .venv/bin/python benchmarks/throughput.py [--data DIR] [--trials 20] [--epochs 2] [--rounds 1]
     .venv/bin/python benchmarks/throughput.py --tutorial      # the fixed cost's target: the tutorial's ConvNet
     .venv/bin/python benchmarks/throughput.py --tutorial --sides covidsearch no-logging --rounds 12   # the overhead
+    .venv/bin/python benchmarks/throughput.py --tutorial --sides covidsearch no-logging --rounds 24 --recycle-every 7
     .venv/bin/python benchmarks/throughput.py --trials 3 --epochs 1      # a quick check that it runs
 
 The random draw's trials range from 32 px with 16 filters to 128 px ConvNets of 130M weights, whose model file alone
@@ -102,6 +107,8 @@ class Side:
     wall: float
     cpu: float  # CPU seconds (user + system) of the command and every process it waited for: work, not the clock
     trials: list[Trial]
+    replaced: int = 0  # covidsearch sides: worker processes replaced during the search
+    worker_mb: float = float("nan")  # covidsearch sides: a worker's mean resident memory after a trial
 
 
 # ---------------------------------------------------------------- the plain Keras Tuner side (its own process)
@@ -231,11 +238,25 @@ def _covidsearch(args: argparse.Namespace, work: Path, name: str, logging: bool)
                                                        os.environ.get("PYTHONPATH", "")]))}
     if not logging:
         (work / "sitecustomize.py").write_text(textwrap.dedent(NO_LOGGING))
+    recycling = (["--trials-per-worker", str(args.recycle_every), "--max-worker-growth", "inf"]
+                 if args.recycle_every else [])
     wall, cpu = _run([sys.executable, "-m", "covidsearch.cli", "run", "--space", "vanilla", "--data", str(args.data),
                       "--tuner", "random", "--max-trials", str(args.trials), "--max-epochs", str(args.epochs),
                       *_sets(args), "--seed", str(SEED), "--no-baseline", "--tracking-uri", uri,
-                      "--project-dir", str(work / "tuner"), "--cache-dir", str(args.cache_dir), "--quiet"], work, env)
-    return Side(name, wall, cpu, _recorded_trials(uri) if logging else [])
+                      "--project-dir", str(work / "tuner"), "--cache-dir", str(args.cache_dir), "--quiet",
+                      *recycling], work, env)
+    return Side(name, wall, cpu, _recorded_trials(uri) if logging else [], *_workers(uri))
+
+
+def _workers(uri: str) -> tuple[int, float]:
+    """How many worker processes the search replaced, and their mean memory after a trial, MB: what the search
+    itself records of every trial, with or without the trials' own logging."""
+    from covidsearch import tracking
+
+    client, experiment_id = tracking.connect(uri, create=False)
+    runs = tracking.trial_runs(client, tracking.latest_search(client, experiment_id))
+    return (sum(tracking.WORKER_RECYCLED in run.data.tags for run in runs),
+            _mean([run.data.metrics[tracking.WORKER_RSS] for run in runs if tracking.WORKER_RSS in run.data.metrics]))
 
 
 def _recorded_trials(uri: str) -> list[Trial]:
@@ -332,6 +353,9 @@ def _tracking_overhead(rounds: list[dict[str, Side]]) -> None:
     print("as the trials timed it: MLflow calls on the trials' path "
           + ", ".join(f"{path:.1f} s ({path / wall:.1%})" for path, _, wall in timed) + " of the search's wall time; "
           "the search's recorder beside the next trial " + ", ".join(f"{off:.1f} s" for _, off, _ in timed))
+    for name in ("covidsearch", "no-logging"):
+        print(f"{name}: worker processes replaced " + ", ".join(str(s[name].replaced) for s in rounds)
+              + f"; a worker's memory after a trial {_mean([s[name].worker_mb for s in rounds]):.0f} MB on average")
 
 
 def _same_points(plain: Side, ours: Side) -> bool:
@@ -382,6 +406,8 @@ def main() -> None:
                    help="pin a hyperparameter on both sides (repeatable)")
     p.add_argument("--tutorial", action="store_true",
                    help="every trial the tutorial's ConvNet: " + ", ".join(TUTORIAL) + " pinned")
+    p.add_argument("--recycle-every", type=int, metavar="N",
+                   help="covidsearch sides: replace each worker process after N trials, never for its memory")
     p.add_argument("--cache-dir", type=Path, help="pixel cache to fill and share (default: a temporary one)")
     p.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)  # the plain side's own process
     p.add_argument("--project-dir", type=Path, help=argparse.SUPPRESS)
@@ -392,6 +418,8 @@ def main() -> None:
     args.cache_dir = args.cache_dir and args.cache_dir.resolve()
     if "covidsearch" not in args.sides:
         p.error("--sides: every figure compares against the covidsearch side; name it")
+    if args.recycle_every is not None and args.recycle_every < 1:
+        p.error(f"--recycle-every: a number of trials, 1 or more, not {args.recycle_every}")
     if args.side == "plain":
         return plain_search(args.data, args.cache_dir, args.trials, args.epochs, args.sets, args.project_dir,
                             args.out)
@@ -401,7 +429,9 @@ def main() -> None:
               + f"; load average {os.getloadavg()[0]:.1f}")
         print(f"data {args.data}; vanilla space, random search, seed {SEED}, {args.trials} trials of "
               f"{args.epochs} epoch(s), no baseline; {args.rounds} round(s)"
-              + "".join(f"; --set {item}" for item in args.sets))
+              + "".join(f"; --set {item}" for item in args.sets)
+              + (f"; workers replaced after every {args.recycle_every} trials, never for memory"
+                 if args.recycle_every else ""))
         started = time.perf_counter()
         warm_cache(args.data, args.cache_dir)
         print(f"pixel cache filled for {', '.join(map(str, SIZES))} px in {time.perf_counter() - started:.0f} s",
