@@ -30,8 +30,9 @@ whole interval is at or under it. Which trials a worker process is replaced afte
 bound is crossed after different trials in each run (two or three replacements a search, each a standby's start-up
 beside the training); --recycle-every N replaces every worker after N trials and never for its memory, on both
 covidsearch sides, so that they differ only in their tracking (the report says, for either policy, how many workers
-each side replaced and their memory after a trial: whether tracking itself makes the workers grow). Each side first runs two unreported trials (--no-warm-up skips them): the first
-command on a fresh machine runs cold. Figures are printed, never asserted:
+each side replaced and their memory after a trial: whether tracking itself makes the workers grow). Each side first
+runs two unreported trials (--no-warm-up skips them): the first command on a fresh machine runs cold. Figures are
+printed, never asserted:
 
     .venv/bin/python benchmarks/throughput.py [--data DIR] [--trials 20] [--epochs 2] [--rounds 1]
     .venv/bin/python benchmarks/throughput.py --tutorial      # the fixed cost's target: the tutorial's ConvNet
@@ -295,7 +296,8 @@ def _recorded_trials(uri: str, noted: dict[str, float] | None = None) -> list[Tr
     for run in runs:
         start, end = run.info.start_time / 1000, run.info.end_time / 1000
         epochs = noted.get(run.info.run_id, 0.0) if noted is not None else sum(
-            m.value for key in ("train_seconds", "val_seconds") for m in client.get_metric_history(run.info.run_id, key))
+            m.value for key in ("train_seconds", "val_seconds")
+            for m in client.get_metric_history(run.info.run_id, key))
         span = end - (previous if previous is not None else start)
         parts = {k[len(tracking.SETUP):]: v for k, v in run.data.metrics.items() if k.startswith(tracking.SETUP)}
         parts[REST] = span - epochs - sum(parts.values())
@@ -350,7 +352,7 @@ def report(rounds: list[dict[str, Side]], args: argparse.Namespace) -> None:
 
 
 def _tracking_overhead(rounds: list[dict[str, Side]]) -> None:
-    """(covidsearch - no-logging) / covidsearch per round, in wall and in CPU seconds: their mean with its 95% t-interval
+    """(covidsearch - no-logging) / covidsearch per round, in wall and in CPU seconds: their mean with its 95% interval
     over the rounds, and the median. The target is met when the whole interval is at or under it, missed when the whole
     interval is above it; an interval across it says the rounds were too few for the machine's noise. Then the wall
     time's difference split: the trials' epochs (training slowed beside the search's logging) and the rest."""
