@@ -107,6 +107,7 @@ class Trial:
     parts: dict[str, float] = field(default_factory=dict)  # covidsearch: setup_seconds_* and the rest of its run
     first: bool = False  # covidsearch: the first trial of its worker process
     recycled: str | None = None  # covidsearch: why its worker process was replaced after it
+    worker_mb: float | None = None  # covidsearch: its worker process's resident memory after it
 
     @property
     def fixed(self) -> float:
@@ -121,8 +122,16 @@ class Side:
     wall: float
     cpu: float  # CPU seconds (user + system) of the command and every process it waited for: work, not the clock
     trials: list[Trial]
-    replaced: int = 0  # covidsearch sides: worker processes replaced during the search
-    worker_mb: float = float("nan")  # covidsearch sides: a worker's mean resident memory after a trial
+
+    @property
+    def replaced(self) -> int:
+        """Worker processes replaced during the search (covidsearch sides)."""
+        return sum(t.recycled is not None for t in self.trials)
+
+    @property
+    def worker_mb(self) -> float:
+        """A worker's mean resident memory after a trial (covidsearch sides): whether tracking makes workers grow."""
+        return _mean([t.worker_mb for t in self.trials if t.worker_mb is not None])
 
 
 # ---------------------------------------------------------------- the plain Keras Tuner side (its own process)
@@ -260,8 +269,7 @@ def _covidsearch(args: argparse.Namespace, work: Path, name: str, logging: bool)
                       *_sets(args), "--seed", str(SEED), "--no-baseline", "--tracking-uri", uri,
                       "--project-dir", str(work / "tuner"), "--cache-dir", str(args.cache_dir), "--quiet",
                       *recycling], work, env)
-    return Side(name, wall, cpu, _recorded_trials(uri, None if logging else _noted_epochs(work / "epochs.jsonl")),
-                *_workers(uri))
+    return Side(name, wall, cpu, _recorded_trials(uri, None if logging else _noted_epochs(work / "epochs.jsonl")))
 
 
 def _noted_epochs(noted: Path) -> dict[str, float]:
@@ -273,20 +281,10 @@ def _noted_epochs(noted: Path) -> dict[str, float]:
     return seconds
 
 
-def _workers(uri: str) -> tuple[int, float]:
-    """How many worker processes the search replaced, and their mean memory after a trial, MB: what the search
-    itself records of every trial, with or without the trials' own logging."""
-    from covidsearch import tracking
-
-    client, experiment_id = tracking.connect(uri, create=False)
-    runs = tracking.trial_runs(client, tracking.latest_search(client, experiment_id))
-    return (sum(tracking.WORKER_RECYCLED in run.data.tags for run in runs),
-            _mean([run.data.metrics[tracking.WORKER_RSS] for run in runs if tracking.WORKER_RSS in run.data.metrics]))
-
-
 def _recorded_trials(uri: str, noted: dict[str, float] | None = None) -> list[Trial]:
     """A covidsearch side's trials from MLflow: spans from run end to run end, epochs from their per-epoch seconds
-    (logged, or `noted` by the no-logging side)."""
+    (logged, or `noted` by the no-logging side); which worker trained each and its memory after it, which the search
+    itself records, with or without the trials' own logging."""
     from covidsearch import tracking
 
     client, experiment_id = tracking.connect(uri, create=False)
@@ -304,8 +302,8 @@ def _recorded_trials(uri: str, noted: dict[str, float] | None = None) -> list[Tr
         parts[RECORDER] = run.data.metrics.get(tracking.RECORD_SECONDS, 0.0)
         values = {k: v for k, v in run.data.params.items() if k in HYPERPARAMETERS}
         tags = run.data.tags
-        trials.append(Trial(values, span, epochs, parts,
-                            tags.get(tracking.WORKER_TRIAL) == "1", tags.get(tracking.WORKER_RECYCLED)))
+        trials.append(Trial(values, span, epochs, parts, tags.get(tracking.WORKER_TRIAL) == "1",
+                            tags.get(tracking.WORKER_RECYCLED), run.data.metrics.get(tracking.WORKER_RSS)))
         previous = end
     return trials
 
