@@ -70,9 +70,9 @@ def trial_throughput(work: Path, dataset: data.Dataset, size: int, batch: int, e
     uri = f"sqlite:///{work / 'a.db'}"
     client, experiment_id = tracking.connect(uri, "gpu-benchmark")
     run_id = tracking.create_run(client, experiment_id, "throughput", {})
-    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(work / "cache"), uri,
+    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(work / "cache"),
                       "val_loss", 28)
-    trial.run(trial.Spec("0", run_id, config, epochs, 0, str(work)), plan)
+    trial.run(trial.Spec("0", run_id, config, epochs, 0, str(work)), plan, tracking.writer(client, run_id))
     seconds = [m.value for m in MlflowClient(uri).get_metric_history(run_id, "train_seconds")][1:]
     return len(parts.train) / statistics.median(seconds)
 

@@ -9,9 +9,10 @@ each in fresh processes and each with its own tuner directory:
   covidsearch  `covidsearch run` into a private SQLite MLflow store: worker processes, every trial recorded
              (epochs, test metrics and intervals, confusion table, its checkpoint and figures' data; the figures
              and the MLflow model of each trial that improves the best, the default --figures best).
-  no-logging   the same command with the trials' own MLflow logging turned into no-ops (TrialRecord's epochs,
-             metrics and table; the model and figures' data the worker saves and the search's recorder logs; a
-             sitecustomize.py on PYTHONPATH does it in the search and in every worker, for this benchmark only).
+  no-logging   the same command with the trials' own MLflow logging turned into no-ops (the notes the workers
+             send, their epochs' metrics, not written; the model and figures' data the worker saves and the search's
+             recorder logs; a sitecustomize.py on PYTHONPATH does it in the search and in every worker, for this
+             benchmark only).
              The search's own run bookkeeping is kept, and each epoch's seconds are noted to a file instead of
              logged, so that the difference in wall time splits into the trials' epochs and the rest.
 Every side reads the same pixel cache, filled for every input size before the clock starts (a warm cache).
@@ -81,19 +82,23 @@ import os
 
 from covidsearch import recorder, tracking
 
-for _name in ("log_metrics", "log_tags", "log_table"):
-    setattr(tracking.TrialRecord, _name, lambda self, *args, **kwargs: None)
 recorder.write = lambda *args, **kwargs: None  # the worker saves no model or figures' data
 recorder.log_pending = lambda *args, **kwargs: None  # the search logs none
 
 
-def _note_epoch(self, values, step):
-    """An epoch's seconds noted to a file instead of logged, so the benchmark can tell the epochs from the rest."""
-    with open(os.environ["THROUGHPUT_EPOCHS"], "a") as noted:
-        noted.write(json.dumps([self.run_id, values["train_seconds"] + values["val_seconds"]]) + "\\n")
+def _noted(found, run_id):
+    """A trial's notes (its epochs, its operating point) not written: each epoch's seconds are noted to a file instead,
+    so the benchmark can tell the epochs from the rest."""
+    def note(trial_note):
+        if "train_seconds" in trial_note.metrics:
+            with open(os.environ["THROUGHPUT_EPOCHS"], "a") as noted:
+                seconds = trial_note.metrics["train_seconds"] + trial_note.metrics["val_seconds"]
+                noted.write(json.dumps([run_id, seconds]) + "\\n")
+
+    return note
 
 
-tracking.TrialRecord.log_epoch = _note_epoch
+tracking.writer = _noted
 '''
 
 
@@ -377,7 +382,7 @@ def _tracking_overhead(rounds: list[dict[str, Side]]) -> None:
 
     timed = [(sum(t.parts.get(tracking.PART_MLFLOW, 0.0) for t in s["covidsearch"].trials),  # no-logging: none
               sum(t.parts.get(RECORDER, 0.0) for t in s["covidsearch"].trials), s["covidsearch"].wall) for s in rounds]
-    print("as the trials timed it: MLflow calls on the trials' path "
+    print("as the trials timed it: notes for MLflow on the trials' path "
           + ", ".join(f"{path:.1f} s ({path / wall:.1%})" for path, _, wall in timed) + " of the search's wall time; "
           "the search's recorder beside the next trial " + ", ".join(f"{off:.1f} s" for _, off, _ in timed))
     for name in ("covidsearch", "no-logging"):

@@ -121,17 +121,17 @@ def _record(client: MlflowClient, search_run_id: str, chosen: list[Member], ense
     settings = {"top": len(chosen), "input_size": int(ensemble.input_shape[1]), "color_mode": chosen[0].color_mode,
                 "member_input_sizes": ",".join(str(m.size) for m in chosen)}
     run_id = tracking.start_ensemble(client, search_run_id, [m.run_id for m in chosen], settings)
-    record = tracking.TrialRecord(client.tracking_uri, run_id)
+    write = tracking.writer(client, run_id)
     try:
-        record.log_metrics(scores)
-        record.log_table(table)
+        write(tracking.Note(scores))
+        client.log_table(run_id, table, tracking.CONFUSION)
         if point is not None:
-            operating.record(record, point)
+            write(point.note())
         served = (serving.Classifier.of(ensemble, classes) if point is None else
                   serving.Classifier.of(ensemble, classes, point.threshold, point.target))
-        record.log_model(ensemble, served, serving.requirements())
+        tracking.log_keras(client, run_id, ensemble, served, serving.requirements())
     except Exception as err:  # the run says why it has no model, then the error goes on to the user
-        record.fail(f"{type(err).__name__}: {err}", traceback.format_exc())
+        tracking.end_run(client, run_id, "FAILED", f"{type(err).__name__}: {err}", traceback.format_exc())
         raise
     tracking.end_run(client, run_id, "FINISHED")
     return run_id

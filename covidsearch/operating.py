@@ -47,6 +47,10 @@ class Point:
         return {tracking.TARGET_SENSITIVITY: f"{self.target:g}",
                 tracking.THRESHOLD_REACHED: str(self.threshold is not None).lower()}
 
+    def note(self) -> tracking.Note:
+        """What a trial's or ensemble's run records of it."""
+        return tracking.Note(self.metrics(), tags=self.tags())
+
     def line(self) -> str:
         """One console line: the threshold and what it scores on test, or that none reached the target."""
         if self.threshold is None:
@@ -77,12 +81,6 @@ def find(target: float, y_val: np.ndarray, val_probs: np.ndarray, y_test: np.nda
         return Point(target, None, {})
     scored = metrics.operating_metrics(y_test, test_probs, classes, threshold, COVID, seed)
     return Point(target, threshold, {f"{tracking.TEST}{k}": v for k, v in scored.items()})
-
-
-def record(run: tracking.TrialRecord, point: Point) -> None:
-    """Log an operating point on a trial's or ensemble's run."""
-    run.log_metrics(point.metrics())
-    run.log_tags(point.tags())
 
 
 def on_search(client: MlflowClient, model: Any, classes: list[str], search_run_id: str, target: float,
@@ -125,8 +123,7 @@ def promote(client: MlflowClient, run_id: str, target: float, name: str = DEFAUL
 
     def relogged() -> str:
         served = serving.Classifier.of(loaded.model, loaded.classes, point.threshold, target)
-        return tracking.TrialRecord(client.tracking_uri, run_id).log_model(loaded.model, served,
-                                                                          serving.requirements(), tracking.MODEL_AT_OP)
+        return tracking.log_keras(client, run_id, loaded.model, served, serving.requirements(), tracking.MODEL_AT_OP)
 
     def same(version: Any) -> bool:  # a version of this run that carries a threshold for this target
         return (version.tags.get(tracking.TARGET_SENSITIVITY) == f"{target:g}"

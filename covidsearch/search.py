@@ -182,7 +182,7 @@ def _prepare(opts: Options, create: bool = True) -> _Setup:
     if opts.target_sensitivity is not None:  # only then: the key of a search without one stays what it was
         settings["target_sensitivity"] = opts.target_sensitivity
     uri = tracking.store_uri(opts.tracking_uri)
-    plan = trial.Plan(dataset, parts, weights, str(cache_dir), uri, settings["objective"], opts.seed, opts.precision,
+    plan = trial.Plan(dataset, parts, weights, str(cache_dir), settings["objective"], opts.seed, opts.precision,
                       target_sensitivity=opts.target_sensitivity)
     return _Setup(space, settings, _search_key(space, settings, dataset, parts), client, experiment_id, uri, plan,
                   progress, budget)

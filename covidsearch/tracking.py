@@ -22,7 +22,8 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ PART_WORKER_START = "worker_start"  # the start-up of its worker process that it
 PART_DATA, PART_BUILD = "data", "build"  # its pixels from the cache; its model built and compiled
 PART_FIT = "fit"  # model.fit outside the epochs' own seconds (train_seconds + val_seconds)
 PART_TEST, PART_FIGURES = "test", "figures"  # scoring the test split; the Grad-CAM heatmaps of the figures
-PART_MODEL, PART_MLFLOW = "model", "mlflow"  # saving the model once (its checkpoint, logged by the recorder); the store
+PART_MODEL, PART_MLFLOW = "model", "mlflow"  # saving the model once (its checkpoint, logged by the recorder); its notes
 WORKER_RSS = "worker_rss_mb"  # the worker's resident memory after the trial, Keras state cleared
 WORKER_PEAK = "worker_peak_rss_mb"  # the worker's peak memory (VmHWM) up to the end of the trial
 COVID_THRESHOLD = "covid_threshold"  # COVID-19 is called from this probability on (also the models' metadata key)
@@ -380,10 +381,10 @@ def record_worker(found: MlflowClient, run_id: str, reply: Any) -> None:
                     tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def fail_trial(found: MlflowClient, run_id: str, error: str) -> None:
-    """FAILED with the error, unless the trial's own process already ended it."""
+def fail_trial(found: MlflowClient, run_id: str, error: str, detail: str | None = None) -> None:
+    """FAILED with the error (and `detail`, its traceback, as the run's note), unless it has ended already."""
     if found.get_run(run_id).info.status == "RUNNING":
-        end_run(found, run_id, "FAILED", error)
+        end_run(found, run_id, "FAILED", error, detail)
 
 
 def trial_result(found: MlflowClient, search_run_id: str, trial_id: str) -> dict[str, float] | None:
@@ -583,18 +584,37 @@ def baseline_lead(rows: list[dict[str, Any]]) -> str | None:
     return f"the best trial's test accuracy {best:.3f} vs the baseline's {base:.3f}: {verdict}{images}"
 
 
-class TrialRecord:
-    """What a trial's worker process writes to its run: epochs and test metrics (its model and figures follow from
-    the search process, recorder.py). The run stays
-    RUNNING (the search ends it once it has the result); an error fails it with the traceback. It also keeps the
-    clock of the trial's fixed cost: its own calls time themselves, `lap` charges the time between to a part."""
+@dataclass
+class Note:
+    """Metrics (an epoch's at its step) and tags for a trial's run, as its worker hands them to the search process,
+    which writes them (`writer`): a worker never opens the store."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def writer(found: MlflowClient, run_id: str) -> Callable[[Note], None]:
+    """The notes of a run written to the store as they come."""
+
+    def write(note: Note) -> None:
+        found.log_batch(run_id, metrics=metrics(note.metrics, note.step),
+                        tags=[RunTag(k, v) for k, v in note.tags.items()])
+
+    return write
+
+
+class TrialRecord:
+    """What a trial writes to its run while it trains, its epochs and its operating point, handed to `write`: a
+    worker sends it to the search process, which has the store open already (opening it costs a process half a
+    second of imports, which a search's first trial would wait for). The run stays RUNNING (the search ends it once it
+    has the result, and with a failed trial's traceback). It also keeps the clock of the trial's fixed cost: its own
+    calls time themselves, `lap` charges the time between to a part."""
+
+    def __init__(self, write: Callable[[Note], None]):
         self.parts: dict[str, float] = {}  # seconds by part of the trial (SETUP names)
-        self._epochs: list[Any] = []  # MLflow's RunOperations of the epochs logged in the background
+        self._write = write
         self._lapped, self._charged = time.perf_counter(), 0.0  # the last lap; seconds since charged by calls
-        with self._timed(PART_MLFLOW):
-            self.client, self.run_id = MlflowClient(tracking_uri), run_id
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
@@ -618,47 +638,22 @@ class TrialRecord:
         parts = {**self.parts, PART_FIT: self.parts.get(PART_FIT, 0.0) - epoch_seconds}
         return {f"{SETUP}{part}": seconds for part, seconds in parts.items()}
 
-    def log_epoch(self, values: dict[str, float], step: int) -> None:
-        """An epoch's metrics, written by MLflow's background thread: the next epoch does not wait for the store."""
+    def write(self, note: Note) -> None:
+        """Hand a note on, its seconds charged to the trial's `mlflow` part."""
         with self._timed(PART_MLFLOW):
-            self._epochs.append(self.client.log_batch(self.run_id, metrics=metrics(values, step), synchronous=False))
-
-    def flush(self) -> None:
-        """Wait until every epoch logged is in the store, so the run ends with all of them (a failed write raises)."""
-        with self._timed(PART_MLFLOW):
-            while self._epochs:
-                self._epochs.pop(0).wait()
-
-    def log_metrics(self, values: dict[str, float]) -> None:
-        with self._timed(PART_MLFLOW):
-            self.client.log_batch(self.run_id, metrics=metrics(values))
-
-    def log_tags(self, tags: dict[str, str]) -> None:
-        with self._timed(PART_MLFLOW):
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-
-    def log_table(self, table: dict[str, list], name: str = CONFUSION) -> None:
-        with self._timed(PART_MLFLOW):
-            self.client.log_table(self.run_id, table, name)
-
-    def log_model(self, model: Any, served: Any, requirements: list[str], name: str = MODEL) -> str:
-        """The Keras model saved as a trial saves it (models.save, imported here so that commands that only read
-        the store do not load Keras) and logged as log_model logs its file; returns its models:/ URI."""
-        from .models import save
-
-        with self._timed(PART_MODEL), tempfile.TemporaryDirectory() as tmp:
-            keras_file = Path(tmp) / KERAS_FILE
-            save(model, keras_file)
-            return log_model(self.client, self.run_id, keras_file, served, requirements, name)
-
-    def fail(self, error: str, traceback_text: str) -> None:
-        end_run(self.client, self.run_id, "FAILED", error, traceback_text)
+            self._write(note)
 
 
-def open_store(tracking_uri: str) -> None:
-    """What a worker process pays on its first call to the store, paid while it is on standby: MLflow's engine and
-    schema check."""
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
+def log_keras(found: MlflowClient, run_id: str, model: Any, served: Any, requirements: list[str],
+              name: str = MODEL) -> str:
+    """A Keras model in memory saved as a trial saves it (models.save, imported here so that commands that only read
+    the store do not load Keras) and logged as log_model logs its file; returns its models:/ URI."""
+    from .models import save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_file = Path(tmp) / KERAS_FILE
+        save(model, keras_file)
+        return log_model(found, run_id, keras_file, served, requirements, name)
 
 
 def log_model(found: MlflowClient, run_id: str, keras_file: Path, served: Any, requirements: list[str],

@@ -10,6 +10,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ class Plan:
     split: data.Split
     class_weights: dict[int, float]
     cache_dir: str
-    tracking_uri: str
     objective: str
     seed: int
     precision: str = "auto"
@@ -52,31 +52,31 @@ class Spec:
 
 
 class TrialFailed(RuntimeError):
-    """The trial could not produce a usable model (NaN loss, bad configuration, ...)."""
+    """The trial could not produce a usable model (NaN loss, bad configuration, ...); `detail`: the traceback."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
 
 
-def run(spec: Spec, plan: Plan) -> dict[str, float]:
-    """Train and evaluate one trial; return the best epoch's validation metrics for the oracle."""
-    record = tracking.TrialRecord(plan.tracking_uri, spec.run_id)
+def run(spec: Spec, plan: Plan, write: Callable[[tracking.Note], None]) -> dict[str, float]:
+    """Train and evaluate one trial, handing its epochs to `write` as they end (a worker sends them to the search
+    process); return the best epoch's validation metrics for the oracle."""
     try:
-        return _train_and_evaluate(spec, plan, record)
+        return _train_and_evaluate(spec, plan, tracking.TrialRecord(write))
     except Exception as err:  # any error of the trial's own code fails this trial only, with its traceback
-        message = f"{type(err).__name__}: {err}"
-        record.fail(message, traceback.format_exc())
-        raise TrialFailed(message) from None
+        raise TrialFailed(f"{type(err).__name__}: {err}", traceback.format_exc()) from None
 
 
-def rehearse(tracking_uri: str) -> None:
-    """Pay on standby what a worker process pays on its first trial only (the store opened, a tiny model fitted,
-    scored, drawn with Grad-CAM and saved for the recorder), so that the trial it takes over pays for that trial
-    alone."""
+def rehearse() -> None:
+    """Pay on standby what a worker process pays on its first trial only (a tiny model fitted, scored, drawn with
+    Grad-CAM and saved for the recorder), so that the trial it takes over pays for that trial alone."""
     classes, labels = list(data.DEFAULT_CLASSES), np.arange(len(data.DEFAULT_CLASSES))
     model = models.build({"model": "convnet", "input_size": 32, "filters": 1, "dense_units": 1, "dropout": 0.0,
                           "learning_rate": 1e-3}, len(classes))
     images, probs = np.zeros((len(classes), 32, 32, 3), dtype=np.uint8), np.eye(len(classes))
     model.fit(images, probs, verbose=0)
     model.predict(images, verbose=0)
-    tracking.open_store(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         models.save(model, Path(tmp) / tracking.KERAS_FILE)
         recorder.write(Path(tmp) / tracking.PENDING, "", Path(tmp) / tracking.KERAS_FILE,
@@ -118,7 +118,6 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
     keras_file = Path(spec.trial_dir) / tracking.KERAS_FILE  # its checkpoint: logged, and continued by Hyperband
     models.save(model, keras_file)
     record.lap(tracking.PART_MODEL)
-    record.flush()
     closing = {tracking.EPOCHS_TRAINED: len(losses) + spec.initial_epoch,
                "trial_seconds": time.perf_counter() - started,
                **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
@@ -246,7 +245,7 @@ def _served(record: tracking.TrialRecord, spec: Spec, plan: Plan, model: Any, x_
         return serving.Classifier.of(model, classes)
     val_probs = _predict(model, x_val, int(spec.config["batch_size"]))
     point = operating.find(plan.target_sensitivity, y_val, val_probs, y_test, test_probs, classes, plan.seed)
-    operating.record(record, point)
+    record.write(point.note())
     if point.threshold is None:
         progress.trial_notice(spec.progress, spec.label, point.line())
     return serving.Classifier.of(model, classes, point.threshold, point.target)
@@ -351,7 +350,8 @@ class LearningRate(keras.callbacks.Callback):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch train and validation metrics to the trial's MLflow run and the progress display."""
+    """Per-epoch train and validation metrics to the trial's MLflow run (through the search process) and the progress
+    display."""
 
     def __init__(self, record: tracking.TrialRecord, spec: Spec):
         super().__init__()
@@ -359,5 +359,5 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         values = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
-        self.record.log_epoch(values, step=epoch)
+        self.record.write(tracking.Note(values, step=epoch))
         progress.epoch_line(self.spec.progress, self.spec.label, epoch, self.spec.epochs, values)

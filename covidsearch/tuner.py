@@ -105,7 +105,8 @@ class Tuner(base_tuner.BaseTuner):
         pool = self._free.get()
         try:
             with tracking.heartbeat(self.client, spec.run_id):
-                reply = pool.run(Task(spec, self.plan), sent=self.recorder.release)
+                reply = pool.run(Task(spec, self.plan), tracking.writer(self.client, spec.run_id),
+                                 sent=self.recorder.release)
         except Exception as err:  # this process failed the trial (its store, its pipe): recorded, then Keras Tuner's
             tracking.fail_trial(self.client, spec.run_id, f"{type(err).__name__}: {err}")
             raise
@@ -113,7 +114,7 @@ class Tuner(base_tuner.BaseTuner):
             self._free.put(pool)
         tracking.record_worker(self.client, spec.run_id, reply)
         if reply.error is not None:
-            tracking.fail_trial(self.client, spec.run_id, reply.error)
+            tracking.fail_trial(self.client, spec.run_id, reply.error, reply.detail)
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {reply.error}", maximise(objective))
             raise kt.errors.FailedTrialError(reply.error)
         self.recorder.hold(spec.run_id, Path(spec.trial_dir) / tracking.PENDING)

@@ -6,7 +6,9 @@ variables, tensorflow/tensorflow #61791, whose buffers a worker empties after ea
 and a trial pays for its training, not for a process start.
 
 The search side (`Pool`) and the worker side (`serve`, started with BOOT) speak over one
-socket: the search sends a `Task`, the worker answers a `Reply`; a new standby is first sent a `Warm`.
+socket: the search sends a `Task`, the worker sends the trial's notes for its run as they come (tracking.Note: its
+epochs' metrics, which the search writes to the store, so that no worker opens it) and answers a `Reply`; a new standby
+is first sent a `Warm`.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import exit_at_once, held_stderr
 
 if TYPE_CHECKING:
+    from .tracking import Note
     from .trial import Plan, Spec
 
 TRIALS_PER_WORKER = 20  # trials a worker runs before it is replaced, whatever its memory
@@ -52,9 +55,7 @@ class Task:
 
 @dataclass
 class Warm:
-    """For a standby: rehearse what a process pays on its first trial only, on the search's tracking store."""
-
-    tracking_uri: str
+    """For a standby: rehearse what a process pays on its first trial only."""
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Reply:
 
     metrics: dict[str, float] | None = None
     error: str | None = None
+    detail: str | None = None  # the error's traceback
     pid: int = 0  # the worker process
     nth: int = 0  # the worker's n-th trial (1: its first)
     rss_mb: float | None = None  # the worker's resident memory after the trial, Keras state cleared
@@ -151,22 +153,26 @@ class Pool:
         if self._current is None and self._standby is None:
             self._standby = self._spawn()
 
-    def run(self, task: Task, sent: Callable[[], None] = lambda: None) -> Reply:
-        """Run one trial in the current worker, calling `sent` once the worker has it; a worker that dies is a failed
-        trial, not a failed search."""
+    def run(self, task: Task, write: Callable[[Note], None], sent: Callable[[], None] = lambda: None) -> Reply:
+        """Run one trial in the current worker, calling `sent` once the worker has it and `write` with each note
+        it sends for the trial's run; a worker that dies is a failed trial, not a failed search."""
         worker = self._current or self._take_standby()
         if worker.trials:
-            self._keep_standby(task.plan.tracking_uri)
+            self._keep_standby()
         worker.trials += 1
         try:
             worker.conn.send(replace(task, sent=time.time()))
             sent()
-            reply: Reply = worker.conn.recv()
+            reply = _reply(worker.conn, write)
         except (EOFError, OSError):
             code = _wait(worker.process)
             self._retire()
             return Reply(error=f"the worker process died (exit code {code}: killed, or out of memory)",
                          pid=worker.process.pid, nth=worker.trials)
+        except BaseException:  # a note could not be written, or an interrupt: the trial's worker must not go on
+            worker.process.kill()
+            self._retire()
+            raise
         # a trial that failed early says nothing of memory
         leak = worker.memory.after(reply.rss_mb, reply.peak_mb) if reply.error is None else None
         reply.recycled = recycle_reason(worker.trials, self.trials_per_worker) or leak
@@ -179,11 +185,11 @@ class Pool:
         self._current, self._standby = self._standby or self._spawn(), None
         return self._current
 
-    def _keep_standby(self, tracking_uri: str) -> None:
-        """A standby behind the current worker, warming up on the search's store while the next trial trains."""
+    def _keep_standby(self) -> None:
+        """A standby behind the current worker, warming up while the next trial trains."""
         if self._standby is None:
             self._standby = self._spawn()
-            self._standby.conn.send(Warm(tracking_uri))
+            self._standby.conn.send(Warm())
 
     def _retire(self) -> None:
         if self._current is not None:
@@ -197,6 +203,13 @@ class Pool:
             self._standby.process.kill()
             self._standby.process.wait()
             self._standby = None
+
+
+def _reply(conn: Connection, write: Callable[[Note], None]) -> Reply:
+    """The worker's reply to its task, the notes it sends before it written as they come."""
+    while not isinstance(message := conn.recv(), Reply):
+        write(message)
+    return message
 
 
 def _stop(worker: _Worker) -> None:
@@ -239,15 +252,15 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
         except EOFError:  # the search ended or retired this worker
             exit_at_once(0)  # its last trial answered, the worker holds nothing to save
         if isinstance(task, Warm):
-            trial.rehearse(task.tracking_uri)
+            trial.rehearse()
             settle()
             rehearsed = True
             continue
         waited, served = max(0.0, time.time() - task.sent), served + 1
-        reply = _answer(trial, task)
+        reply = _answer(trial, task, conn.send)
         keras.backend.clear_session()  # and a garbage collection: the trial's model is freed before memory is read
         if served == 1 and not rehearsed:  # a first worker's first trial was its rehearsal: collections after it
-            settle()  # walked what that trial started for good (the runtime's, the store's), 0.1 s a trial
+            settle()  # walked what that trial started for good (the runtime's), 0.1 s a trial
         try:
             conn.send(replace(reply, pid=os.getpid(), nth=served, rss_mb=_status_mb("VmRSS"),
                               peak_mb=_status_mb("VmHWM"), waited=waited))
@@ -255,12 +268,12 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
             exit_at_once(0)
 
 
-def _answer(trial: Any, task: Task) -> Reply:
+def _answer(trial: Any, task: Task, send: Callable[[Note], None]) -> Reply:
     try:
         with _freed_variables():
-            return Reply(metrics=trial.run(task.spec, task.plan))
+            return Reply(metrics=trial.run(task.spec, task.plan, send))
     except trial.TrialFailed as err:
-        return Reply(error=str(err))
+        return Reply(error=str(err), detail=err.detail)
 
 
 @contextlib.contextmanager

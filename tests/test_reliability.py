@@ -99,6 +99,7 @@ def test_a_failing_trial_becomes_a_failed_run_and_the_search_goes_on(xray_dir, w
     trials = {r.data.params["filters"]: r for r in runs(workdir, "trial")}
     assert trials["8"].info.status == "FINISHED"
     assert trials["0"].info.status == "FAILED" and "filters" in trials["0"].data.tags["error"].lower()
+    assert "Traceback (most recent call last)" in trials["0"].data.tags["mlflow.note.content"]  # the run's description
 
 
 def test_nan_loss_fails_the_trial(xray_dir, workdir):

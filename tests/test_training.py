@@ -128,7 +128,7 @@ def test_the_checkpoint_kept_is_the_epoch_best_by_the_objective(objective: str, 
 def test_a_trial_reads_its_split_from_the_cache_batch_by_batch_without_copying_it(tmp_path: Path):
     dataset = data.scan(demo.make_dataset(tmp_path / "xrays", per_class=150, size=48))
     parts = data.split(dataset, 28, 0.2, 8)
-    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(tmp_path), "",
+    plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(tmp_path),
                       "val_loss", 28)
     config = {**CONVNET, "input_size": 192}
     data.arrays(dataset, 192, "rgb", tmp_path)  # the scan's decode, before the trial

@@ -23,48 +23,75 @@ def test_a_worker_outlives_the_thread_that_started_it(workdir):
     """`--workers-per-gpu` runs trials from threads that end one by one; a worker one of them started may be
     serving another's trial, and must not die with it (CI once saw such a trial killed)."""
     client, experiment_id = tracking.connect()
-    plan = trial.Plan(dataset=None, split=None, class_weights={}, cache_dir=str(workdir),
-                      tracking_uri=client.tracking_uri, objective="val_loss", seed=0)
+    plan = trial.Plan(dataset=None, split=None, class_weights={}, cache_dir=str(workdir), objective="val_loss", seed=0)
 
     def quick_failure(n: int) -> trial.Spec:
         """A trial whose worker answers at once: its id is not a number, so it fails before loading data."""
         run_id = tracking.create_run(client, experiment_id, f"trial-{n}", {"covidsearch_kind": "trial"})
         return trial.Spec(f"not-a-number-{n}", run_id, {}, epochs=1, initial_epoch=0, trial_dir=str(workdir))
 
+    def run(spec: trial.Spec) -> str:
+        return pool.run(workers.Task(spec, plan), tracking.writer(client, spec.run_id)).error
+
     pool, answers = workers.Pool(trials_per_worker=2), []
-    thread = threading.Thread(target=lambda: answers.append(pool.run(workers.Task(quick_failure(1), plan)).error))
+    thread = threading.Thread(target=lambda: answers.append(run(quick_failure(1))))
     thread.start()
     thread.join()
     time.sleep(1)
     try:
-        second = pool.run(workers.Task(quick_failure(2), plan)).error  # the same worker process serves it, here
+        second = run(quick_failure(2))  # the same worker process serves it, here
     finally:
         pool.close()
     assert answers and answers[0].startswith("ValueError")
     assert second.startswith("ValueError"), second  # not "the worker process died"
 
 
-def _worker_trial(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, str, workers.Reply]:
-    """Trial 0 of a search run, trained by a worker as the search has it trained, with no search around it to
-    take the result: the store, the search run's id, the trial run's id and the worker's reply."""
+def _trial_zero(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, workers.Task]:
+    """Trial 0 of a search run, as the search has a worker train it: the store, the search run's id, the task."""
     from covidsearch import data, spaces
 
     client, experiment_id = tracking.connect()
     dataset = data.scan(xray_dir)
     parts = data.split(dataset, seed=28, test_per_class=8)
     plan = trial.Plan(dataset, parts, data.class_weights(dataset.labels[parts.train], 3), str(workdir / "cache"),
-                      client.tracking_uri, "val_loss", 28)
+                      "val_loss", 28)
     space = spaces.load("vanilla").pin(["input_size=32"])
     config = space.config(space.defaults())
     search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
     run_id = tracking.start_trial(client, search_id, "0", "tuner0", True, config)
     trial_dir.mkdir(parents=True, exist_ok=True)  # as Keras Tuner makes it
+    return client, search_id, workers.Task(trial.Spec("0", run_id, config, 2, 0, str(trial_dir)), plan)
+
+
+def _worker_trial(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, str, workers.Reply]:
+    """Trial 0 trained by a worker, with no search around it to take the result: the store, the search run's id,
+    the trial run's id and the worker's reply."""
+    client, search_id, task = _trial_zero(xray_dir, workdir, trial_dir)
     pool = workers.Pool()
     try:
-        return client, search_id, run_id, pool.run(workers.Task(trial.Spec("0", run_id, config, 1, 0, str(trial_dir)),
-                                                                plan))
+        return client, search_id, task.spec.run_id, pool.run(task, tracking.writer(client, task.spec.run_id))
     finally:
         pool.close()
+
+
+def test_a_worker_never_opens_the_store_the_search_writes_its_trials_epochs(xray_dir, workdir):
+    """The search process holds the store's file and writes the epochs a worker sends it: opening the store cost a
+    worker half a second of imports, which a search's first trial waited for."""
+    client, _, task = _trial_zero(xray_dir, workdir, workdir / "trial_0")
+    pool = workers.Pool()
+    try:
+        reply = pool.run(task, tracking.writer(client, task.spec.run_id))
+        files = _open_files(reply.pid)
+    finally:
+        pool.close()
+    assert reply.error is None
+    store_file = str((workdir / "mlruns" / "mlflow.db").resolve())
+    assert store_file in _open_files(os.getpid()) and store_file not in files  # the search's open file would show
+    assert [m.step for m in client.get_metric_history(task.spec.run_id, "val_loss")] == [0, 1]  # both epochs
+
+
+def _open_files(pid: int) -> set[str]:
+    return {os.path.realpath(f) for f in Path(f"/proc/{pid}/fd").iterdir()}
 
 
 def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
