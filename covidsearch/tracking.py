@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import getpass
 import io
 import json
@@ -238,6 +239,26 @@ def params(values: dict[str, Any]) -> list[Param]:
     return [Param(k, str(v)) for k, v in sorted(values.items())]
 
 
+@dataclass
+class Note:
+    """Metrics (an epoch's at its step) and tags for a run, in one write; a trial's worker hands its notes to the
+    search process, which writes them (`writer`), so that a worker never opens the store."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def log_note(found: MlflowClient, run_id: str, note: Note) -> None:
+    """A note's metrics and tags written to the run in one call."""
+    found.log_batch(run_id, metrics=metrics(note.metrics, note.step), tags=[RunTag(k, v) for k, v in note.tags.items()])
+
+
+def writer(found: MlflowClient, run_id: str) -> Callable[[Note], None]:
+    """The notes of a run written to the store as they come."""
+    return functools.partial(log_note, found, run_id)
+
+
 # ---------------------------------------------------------------- searches
 
 
@@ -337,8 +358,7 @@ def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run
     another worker's trial may have beaten it meanwhile): what the UI shows of a running search stays current."""
     score = new_best(found, search_run_id, objective, trial_run_id)
     if score is not None:
-        found.log_batch(search_run_id, metrics=metrics({f"{BEST}{objective}": score}),
-                        tags=[RunTag(BEST_TRIAL, trial_run_id)])
+        log_note(found, search_run_id, Note({f"{BEST}{objective}": score}, tags={BEST_TRIAL: trial_run_id}))
 
 
 # ---------------------------------------------------------------- trials
@@ -376,9 +396,8 @@ def record_worker(found: MlflowClient, run_id: str, reply: Any) -> None:
     trial by trial."""
     tags = {WORKER_PID: str(reply.pid), WORKER_TRIAL: str(reply.nth),
             **({WORKER_RECYCLED: reply.recycled} if reply.recycled else {})}
-    found.log_batch(run_id, metrics=metrics({WORKER_RSS: reply.rss_mb, WORKER_PEAK: reply.peak_mb,
-                                             f"{SETUP}{PART_WORKER_START}": reply.waited}),
-                    tags=[RunTag(k, v) for k, v in tags.items()])
+    log_note(found, run_id, Note({WORKER_RSS: reply.rss_mb, WORKER_PEAK: reply.peak_mb,
+                                  f"{SETUP}{PART_WORKER_START}": reply.waited}, tags=tags))
 
 
 def fail_trial(found: MlflowClient, run_id: str, error: str, detail: str | None = None) -> None:
@@ -582,26 +601,6 @@ def baseline_lead(rows: list[dict[str, Any]]) -> str | None:
     else:
         verdict = f"below the baseline's {span}, so the baseline does better on the test images"
     return f"the best trial's test accuracy {best:.3f} vs the baseline's {base:.3f}: {verdict}{images}"
-
-
-@dataclass
-class Note:
-    """Metrics (an epoch's at its step) and tags for a trial's run, as its worker hands them to the search process,
-    which writes them (`writer`): a worker never opens the store."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    step: int = 0
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def writer(found: MlflowClient, run_id: str) -> Callable[[Note], None]:
-    """The notes of a run written to the store as they come."""
-
-    def write(note: Note) -> None:
-        found.log_batch(run_id, metrics=metrics(note.metrics, note.step),
-                        tags=[RunTag(k, v) for k, v in note.tags.items()])
-
-    return write
 
 
 class TrialRecord:
