@@ -327,7 +327,7 @@ def run(opts: Options) -> Result:
         s.progress.deadline = time.monotonic() + left
         s.progress.say(f"budget: {clock(left)} of {clock(s.budget)} left")
     try:
-        with settled():  # what is alive now lives for the whole search
+        with settled(), recorder.beside_training():  # what is alive now lives for the whole search
             _search(tuner, opts, s.progress)
     except KeyboardInterrupt:
         _close(pools)
@@ -406,7 +406,7 @@ def work(opts: Options) -> WorkerResult:
     pools = [Pool(opts.trials_per_worker, max_growth=opts.max_worker_growth)]
     tuner = _tuner(s, opts, search_run_id, pools, directory, project_name)
     try:
-        with settled():
+        with settled(), recorder.beside_training():
             tuner.search(verbose=0)
     except KeyboardInterrupt:
         _close(pools)

@@ -311,6 +311,36 @@ def test_a_search_run_from_python_gives_the_callers_garbage_collector_back_as_it
     assert gc.get_freeze_count() == frozen
 
 
+def test_the_records_logged_while_trials_train_run_their_numpy_on_one_thread(xray_dir, workdir, monkeypatch):
+    """A trial's record is scored (bootstrap intervals) and drawn while the next trial trains: OpenBLAS's second
+    thread sped none of that and spun after each call on the core the training needed. The caller's BLAS is given
+    back as it was."""
+    import threadpoolctl
+
+    from covidsearch import recorder, search
+
+    def pools() -> dict[str, int]:
+        return {pool["filepath"]: pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                if pool["user_api"] == "blas"}
+
+    before = pools()
+    if max(before.values(), default=1) == 1:
+        pytest.skip("this machine's BLAS has one thread already")
+    seen = []
+    log_pending = recorder.log_pending
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        seen.append(pools())
+        return log_pending(*args, **kwargs)
+
+    monkeypatch.setattr(recorder, "log_pending", spy)
+    result = search.run(search.Options(data=str(xray_dir), tuner="random", max_trials=3, max_epochs=1,
+                                       test_per_class=8, sets=["input_size=32"], progress="off"))
+    assert result.trials == 3
+    assert set(seen[0].values()) == {1}  # trial 0's record, logged while trial 1 trained
+    assert pools() == before
+
+
 def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
     """The worker that ran trial 0 is killed as it takes or trains trial 1: trial 1 fails, and trial 2 runs in a fresh
     worker (the standby) and finishes."""
