@@ -98,6 +98,9 @@ class Memory:
         return None
 
 
+_OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 @dataclass
 class _Worker:
     """A worker process as the pool sees it: its pipe, the trials it ran, its memory."""
@@ -139,11 +142,13 @@ class Pool:
         return self._starter.submit(self._start).result()
 
     def _start(self) -> _Worker:
-        """Start a worker in a session of its own: Ctrl-C at the terminal reaches only the search process,
-        which decides what an interrupt ends (and kills the workers)."""
+        """Start a worker in a process group of its own, so that Ctrl-C at the terminal reaches only the search
+        process, which decides what an interrupt ends (and kills the workers). Not in a session of its own: Linux
+        shares the CPU fairly between sessions first (autogroups), so the search's recorder, at idle priority
+        within its session, took a quarter of the cores from a training worker in another one."""
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", BOOT, str(PACKAGE_ROOT), str(theirs.fileno()), str(self.device_share)]
-        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
+        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, **_OWN_GROUP)
         theirs.close()
         return _Worker(process, Connection(ours.detach()), Memory(self.max_growth))
 
@@ -234,6 +239,7 @@ def serve(conn: Connection, device_share: float = 1.0) -> None:
     """A worker process's loop: train the tasks sent over the pipe until the search closes it, answering each with
     a Reply, and leave no Keras state of one trial to the next."""
     _die_with_parent()
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group's writes to a `stty tostop` terminal go on
     # Take GPU memory as needed, up to this worker's share: a standby worker and the trials sharing
     # a GPU must not each grab JAX's default 75% (TensorFlow: grow on demand).
     os.environ.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true",

@@ -94,6 +94,32 @@ def _open_files(pid: int) -> set[str]:
     return {os.path.realpath(f) for f in Path(f"/proc/{pid}/fd").iterdir()}
 
 
+def test_ctrl_c_reaches_the_search_not_its_worker_which_stays_in_the_searchs_session(xray_dir, workdir):
+    """A worker has a process group of its own (Ctrl-C at the terminal goes to the search, which decides what an
+    interrupt ends) but shares the search's session: Linux shares the CPU fairly between sessions (autogroups)
+    before it looks at priorities, so in a session of its own the training lost a quarter of the cores to the
+    search's idle-priority recorder. A write to a `stty tostop` terminal, from that background group, goes on."""
+    client, _, task = _trial_zero(xray_dir, workdir, workdir / "trial_0")
+    pool = workers.Pool()
+    try:
+        reply = pool.run(task, tracking.writer(client, task.spec.run_id))
+        session, group, ignored = os.getsid(reply.pid), os.getpgid(reply.pid), _ignored_signals(reply.pid)
+    finally:
+        pool.close()
+    assert reply.error is None
+    assert session == os.getsid(0) and group != os.getpgid(0)
+    assert signal.SIGTTOU in ignored
+
+
+def _ignored_signals(pid: int) -> set[int]:
+    """The signals a process ignores, from its SigIgn mask in /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+    return set()
+
+
 def test_a_trial_reads_finished_only_once_the_search_has_its_result(xray_dir, workdir):
     """Ctrl-C just as a trial ends: had the worker ended its run FINISHED itself, the store would hold a FINISHED
     trial that the search never got (and ran again on resume). The worker leaves it RUNNING; the search ends it."""
