@@ -200,7 +200,8 @@ class Recorder:
 
 def _yield_to_training() -> None:
     """The recorder thread under Linux's SCHED_IDLE policy (a thread's own): it then runs on what the trial's training
-    leaves idle (about half a core of two here), and a training thread that wakes takes its core back at once."""
+    leaves idle (about half a core of two here), and a training thread that wakes takes its core back at once (the
+    workers share the search's session for this: workers.Pool._start)."""
     if sys.platform.startswith("linux"):
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 

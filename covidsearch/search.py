@@ -327,7 +327,7 @@ def run(opts: Options) -> Result:
         s.progress.deadline = time.monotonic() + left
         s.progress.say(f"budget: {clock(left)} of {clock(s.budget)} left")
     try:
-        with settled(), recorder.beside_training():  # what is alive now lives for the whole search
+        with settled(), recorder.beside_training():  # what is alive now lives for the whole search; BLAS on 1 thread
             _search(tuner, opts, s.progress)
     except KeyboardInterrupt:
         _close(pools)

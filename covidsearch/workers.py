@@ -98,6 +98,7 @@ class Memory:
         return None
 
 
+# How Popen starts a process in a process group of its own: Python 3.11's process_group, before it setpgrp in the child
 _OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
