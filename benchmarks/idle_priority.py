@@ -23,6 +23,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from covidsearch import workers  # noqa: E402  (the repo's covidsearch, wherever this is run from; no Keras)
+
 COUNT = """
 import sys, time
 end, n = time.perf_counter() + float(sys.argv[1]), 0
@@ -31,7 +34,7 @@ while time.perf_counter() < end:
 print(n)
 """  # a busy child: how far it counts is the CPU it got
 WAYS: dict[str, dict[str, Any]] = {"own session (before)": {"start_new_session": True},
-                                   "own process group, the search's session (now)": {"process_group": 0}}
+                                   "own process group, the search's session (now)": workers.OWN_GROUP}
 
 
 def children_work(way: dict[str, Any], seconds: float, beside: bool) -> int:
@@ -50,7 +53,8 @@ def children_work(way: dict[str, Any], seconds: float, beside: bool) -> int:
 
 
 def _idle_spin(stop: threading.Event) -> None:
-    """The recorder's stand-in: busy, under SCHED_IDLE as recorder._yield_to_training puts it."""
+    """The recorder's stand-in: busy, under SCHED_IDLE as recorder._yield_to_training puts it (importing the
+    recorder would import Keras)."""
     os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
     while not stop.is_set():
         pass

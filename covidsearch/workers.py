@@ -99,7 +99,7 @@ class Memory:
 
 
 # How Popen starts a process in a process group of its own: Python 3.11's process_group, before it setpgrp in the child
-_OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Pool:
         within its session, took a quarter of the cores from a training worker in another one."""
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", BOOT, str(PACKAGE_ROOT), str(theirs.fileno()), str(self.device_share)]
-        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, **_OWN_GROUP)
+        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, **OWN_GROUP)
         theirs.close()
         return _Worker(process, Connection(ours.detach()), Memory(self.max_growth))
 

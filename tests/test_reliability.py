@@ -15,6 +15,10 @@ from conftest import SMALL, cli, runs, start_search, store, wait_for
 from covidsearch import tracking
 
 
+KILLABLE_EPOCHS = 30  # a trial of the killable search trains this many epochs, with no early stop
+EARLY = KILLABLE_EPOCHS // 3  # "early in training": at most this many epochs logged
+
+
 def _early_in_training(work: Path) -> Any | None:
     """A trial run that its worker is fitting and that has most of its epochs still ahead (a kill then lands on a
     trial in flight, not on one whose worker is answering or whose record the search is logging), or None."""
@@ -22,17 +26,19 @@ def _early_in_training(work: Path) -> Any | None:
     client = store(work)[0] if trials else None
     for run in trials:
         if run.info.status == "RUNNING" and tracking.EPOCHS_TRAINED not in run.data.metrics:
-            if 0 < len(client.get_metric_history(run.info.run_id, "loss")) <= 3:
+            if 0 < len(client.get_metric_history(run.info.run_id, "loss")) <= EARLY:
                 return run
     return None
 
 
 def _killable(work: Path, *args: str) -> list[str]:
-    """A search of six points whose trials train 15 epochs each with no early stop: a kill seen early in a trial's
-    training lands while that trial still trains, however loaded the machine is."""
+    """A search whose trials train KILLABLE_EPOCHS epochs each with no early stop (a fifth of a second each here):
+    its first third is a window of seconds, which a poll every half second sees even on a loaded machine (a window
+    of three epochs was missed by every poll on a busy CI machine), and a kill seen in it lands while that trial
+    still trains."""
     text = FAILING_SPACE.replace("patience = 5", "patience = 50") % ("8", "8", "0.001, 0.0005, 0.002", "0.001")
     space = _space(work, text)
-    return ["--space", str(space), *args, *SMALL[:2], "--max-epochs", "15", *SMALL[4:]]
+    return ["--space", str(space), *args, *SMALL[:2], "--max-epochs", str(KILLABLE_EPOCHS), *SMALL[4:]]
 
 
 def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):
