@@ -167,10 +167,11 @@ class Pool:
             self._keep_standby()
         worker.trials += 1
         try:
-            worker.conn.send(replace(task, sent=time.time()))
+            with _lost_if_closed():
+                worker.conn.send(replace(task, sent=time.time()))
             sent()
             reply = _reply(worker.conn, write)
-        except (EOFError, OSError):
+        except _Lost:
             code = _wait(worker.process)
             self._retire()
             return Reply(error=f"the worker process died (exit code {code}: killed, or out of memory)",
@@ -211,11 +212,28 @@ class Pool:
             self._standby = None
 
 
+class _Lost(Exception):
+    """The worker's end of the pipe closed: the worker died."""
+
+
+@contextlib.contextmanager
+def _lost_if_closed() -> Iterator[None]:
+    """The pipe's own errors as _Lost, so that an OSError of the store's while it writes a note (a full disk, a
+    tracking server gone) fails the trial with that error, not as a dead worker."""
+    try:
+        yield
+    except (EOFError, OSError) as err:
+        raise _Lost from err
+
+
 def _reply(conn: Connection, write: Callable[[Note], None]) -> Reply:
     """The worker's reply to its task, the notes it sends before it written as they come."""
-    while not isinstance(message := conn.recv(), Reply):
+    while True:
+        with _lost_if_closed():
+            message = conn.recv()
+        if isinstance(message, Reply):
+            return message
         write(message)
-    return message
 
 
 def _stop(worker: _Worker) -> None:

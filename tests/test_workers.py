@@ -2,6 +2,7 @@
 memory, a killed one fails only its trial, and it runs the search's own covidsearch."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -88,6 +89,22 @@ def test_a_worker_never_opens_the_store_the_search_writes_its_trials_epochs(xray
     store_file = str((workdir / "mlruns" / "mlflow.db").resolve())
     assert store_file in _open_files(os.getpid()) and store_file not in files  # the search's open file would show
     assert [m.step for m in client.get_metric_history(task.spec.run_id, "val_loss")] == [0, 1]  # both epochs
+
+
+def test_a_note_the_store_cannot_write_fails_the_trial_with_the_stores_error_not_as_a_dead_worker(xray_dir, workdir):
+    """An OSError while the search writes a trial's epoch (a full disk, a tracking server gone) is the store's, and
+    says so; it once read "the worker process died", after five seconds' wait for a worker that was alive."""
+    _, _, task = _trial_zero(xray_dir, workdir, workdir / "trial_0")
+
+    def full_disk(note: tracking.Note) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    pool = workers.Pool()
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            pool.run(task, full_disk)
+    finally:
+        pool.close()
 
 
 def _open_files(pid: int) -> set[str]:
