@@ -78,13 +78,25 @@ def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objectiv
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
     client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)
-    client.log_artifacts(run_id, str(folder), tracking.TRIAL_DATA)
     client.log_batch(run_id, metrics=tracking.metrics(scores))
     best = tracking.new_best(client, search_run_id, objective, run_id) is not None
-    if best or record["baseline"] or figures == FIGURES_EVERY:
+    completed = best or record["baseline"] or figures == FIGURES_EVERY
+    if completed:
         complete(client, folder)
+    _log_data(client, run_id, folder, checkpoint=not completed)
     client.log_metric(run_id, tracking.RECORD_SECONDS, time.perf_counter() - started)
     return best
+
+
+def _log_data(client: MlflowClient, run_id: str, folder: Path, checkpoint: bool) -> None:
+    """The trial's data, its checkpoint only where no MLflow model holds it already (tracking.keras_uri finds it
+    in either): an InceptionV3 trial's is about 90 MB."""
+    if checkpoint:
+        client.log_artifacts(run_id, str(folder), tracking.TRIAL_DATA)
+        return
+    for path in sorted(folder.iterdir()):
+        if path.name != tracking.KERAS_FILE:
+            client.log_artifact(run_id, str(path), tracking.TRIAL_DATA)
 
 
 def complete(client: MlflowClient, folder: Path) -> str:

@@ -78,7 +78,8 @@ MODEL_AT_OP = "model_at_op"  # a trial's model logged again by `promote --target
 KERAS_ARTIFACT, KERAS_FILE = "keras_model", "model.keras"  # the trial's Keras model inside it: artifact key, file
 KERAS_PATH = f"artifacts/{KERAS_FILE}"  # where MLflow keeps that file in the logged model (load_keras)
 FIGURES = "figures"  # folder of a trial's PNG figures
-TRIAL_DATA = "trial_data"  # folder of a trial: its .keras checkpoint and what its figures and MLflow model are made of
+TRIAL_DATA = "trial_data"  # folder of a trial: what its figures and MLflow model are made of, and its .keras
+# checkpoint where no MLflow model holds it yet
 TRIAL_ARRAYS, TRIAL_FACTS = "figures.npz", "record.json"  # in it: test predictions and Grad-CAM sample; the rest
 PENDING = "pending-record"  # folder in a trial's directory: the same files until the search logs them
 FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "roc": "roc.png", "gradcam": "gradcam.png"}
@@ -519,8 +520,9 @@ def checkpoint_uri(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
 
 
 def keras_uri(found: MlflowClient, run: mlflow.entities.Run) -> str | None:
-    """Where a finished trial's Keras model can be loaded from (load_keras): its checkpoint, or the logged model of a
-    trial recorded before trials had logged data."""
+    """Where a finished trial's Keras model can be loaded from (load_keras): its checkpoint in its trial data, or its
+    logged model (which holds the checkpoint of a trial whose model was made at once, or recorded before trials had
+    logged data)."""
     checkpoint = checkpoint_uri(found, run)
     if checkpoint:
         return checkpoint

@@ -255,6 +255,30 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
     assert records.figures(trials["worst"]) == everything
 
 
+def test_a_trial_whose_mlflow_model_holds_its_checkpoint_does_not_store_it_twice(workdir):
+    """A new best's (or the baseline's) MLflow model holds its .keras file, so its trial data carries no second copy
+    (an InceptionV3 trial's is about 90 MB); a trial whose model is left for later keeps it there. Both load."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    client = records.client
+    keep = recorder.Recorder(client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
+    trials = {}
+    for name, val_loss in (("best", 0.5), ("worse", 0.7)):
+        trials[name], folder = records.write(name, val_loss)
+        keep.hold(trials[name], folder)
+    keep.close()
+
+    stored = {name: {Path(a.path).name for a in client.list_artifacts(run_id, tracking.TRIAL_DATA)}
+              for name, run_id in trials.items()}
+    data_files = {tracking.TRIAL_ARRAYS, tracking.TRIAL_FACTS}
+    assert stored == {"best": data_files, "worse": data_files | {tracking.KERAS_FILE}}
+    for run_id in trials.values():
+        uri = tracking.keras_uri(client, client.get_run(run_id))
+        assert tracking.load_keras(uri).count_params() == records.model.count_params()
+
+
 def test_a_better_trial_whose_model_cannot_be_logged_is_never_named_the_best(workdir, monkeypatch):
     """A trial that beats the best gets its figures and MLflow model at once; when they cannot be made (here the
     disk fills while drawing), its run fails, and the search run, which the UI and `promote` read, must not name a
