@@ -410,9 +410,10 @@ def test_the_records_logged_while_trials_train_run_their_numpy_on_one_thread(xra
 
 def test_a_long_lived_worker_killed_mid_trial_fails_only_that_trial(xray_dir, workdir):
     """The worker that ran trial 0 is killed as it takes or trains trial 1: trial 1 fails, and trial 2 runs in a fresh
-    worker (the standby) and finishes."""
-    proc = start_search(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "4",
-                        *SMALL[4:])
+    worker (the standby) and finishes. Trials train 12 epochs, none stopped early: trial 1's window, in which a poll
+    must see it, is then some 4 s, not the 2.3 s of 4 epochs (a poll on a busy CI machine missed a 0.6 s one)."""
+    proc = start_search(workdir, "--data", str(xray_dir), "--max-trials", "3", *SMALL[:2], "--max-epochs", "12",
+                        *SMALL[4:], "--set", "patience=50")
     # trial 0 answered (its worker named) and trial 1 created: it is being sent, or training, in that worker
     wait_for(lambda: (lambda t: "1" in t and tracking.WORKER_PID in t["0"].data.tags)(_trials_by_id(workdir)))
     pid = int(_trials_by_id(workdir)["0"].data.tags[tracking.WORKER_PID])
