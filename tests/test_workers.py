@@ -210,6 +210,20 @@ class _Records:
                        {"best_val_loss": val_loss}, baseline)
         return run_id, folder
 
+    def log(self, trials: list[tuple[str, float, bool]]) -> dict[str, str]:
+        """Each (name, val_loss, baseline) trial written, then logged by the search's recorder in that order: the
+        run ids by name."""
+        from covidsearch import recorder
+        from covidsearch.progress import Progress
+
+        keep = recorder.Recorder(self.client, self.search_id, "val_loss", Progress("off", None, "val_loss"))
+        run_ids = {}
+        for name, val_loss, baseline in trials:
+            run_ids[name], folder = self.write(name, val_loss, baseline)
+            keep.hold(run_ids[name], folder)
+        keep.close()
+        return run_ids
+
     def figures(self, run_id: str) -> set[str]:
         return {Path(a.path).name for a in self.client.list_artifacts(run_id, tracking.FIGURES)}
 
@@ -220,18 +234,12 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
     and gets the rest from them on request: here `covidsearch figures`, as promote, predict or serve would."""
     import keras
 
-    from covidsearch import recorder, registry
-    from covidsearch.progress import Progress
+    from covidsearch import registry
 
     records = _Records(workdir)
     client = records.client
-    keep = recorder.Recorder(client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
-    trials = {}
-    for name, val_loss, baseline in (("first", 0.5, False), ("worse", 0.7, False), ("better", 0.4, False),
-                                     ("baseline", 0.9, True), ("worst", 0.95, False)):
-        trials[name], folder = records.write(name, val_loss, baseline)
-        keep.hold(trials[name], folder)
-    keep.close()
+    trials = records.log([("first", 0.5, False), ("worse", 0.7, False), ("better", 0.4, False),
+                          ("baseline", 0.9, True), ("worst", 0.95, False)])
     keras.backend.clear_session()
 
     made = {name: (records.figures(run_id), tracking.logged_model(client, client.get_run(run_id)) is not None)
@@ -258,17 +266,9 @@ def test_a_trial_that_does_not_improve_the_best_gets_its_figures_and_model_when_
 def test_a_trial_whose_mlflow_model_holds_its_checkpoint_does_not_store_it_twice(workdir):
     """A new best's (or the baseline's) MLflow model holds its .keras file, so its trial data carries no second copy
     (an InceptionV3 trial's is about 90 MB); a trial whose model is left for later keeps it there. Both load."""
-    from covidsearch import recorder
-    from covidsearch.progress import Progress
-
     records = _Records(workdir)
     client = records.client
-    keep = recorder.Recorder(client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
-    trials = {}
-    for name, val_loss in (("best", 0.5), ("worse", 0.7)):
-        trials[name], folder = records.write(name, val_loss)
-        keep.hold(trials[name], folder)
-    keep.close()
+    trials = records.log([("best", 0.5, False), ("worse", 0.7, False)])
 
     stored = {name: {Path(a.path).name for a in client.list_artifacts(run_id, tracking.TRIAL_DATA)}
               for name, run_id in trials.items()}
