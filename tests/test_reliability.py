@@ -41,10 +41,19 @@ def _killable(work: Path, *args: str) -> list[str]:
     return ["--space", str(space), *args, *SMALL[:2], "--max-epochs", str(KILLABLE_EPOCHS), *SMALL[4:]]
 
 
+def _all_epochs_trained(work: Path) -> bool:
+    """A trial has trained all its epochs (its record may still be waiting to be logged: the search logs it at idle
+    priority while the next trials train, and on a loaded machine that came as the last trial was past its early
+    epochs, so a kill that waited for a FINISHED run found no trial to land on)."""
+    trials = runs(work, "trial")
+    client = store(work)[0] if trials else None
+    return any(len(client.get_metric_history(r.info.run_id, "loss")) == KILLABLE_EPOCHS for r in trials)
+
+
 def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):
     args = _killable(workdir, "--data", str(xray_dir), "--max-trials", "3")
     proc = start_search(workdir, *args)
-    wait_for(lambda: any(r.info.status == "FINISHED" for r in runs(workdir, "trial")))
+    wait_for(lambda: _all_epochs_trained(workdir))
     wait_for(lambda: _early_in_training(workdir))
     os.killpg(proc.pid, signal.SIGKILL)  # the search and its worker, as a preempted machine would
     proc.wait()
