@@ -17,7 +17,9 @@ figures`): drawn for every trial, they were most of the search process's work be
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,7 +28,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import threadpoolctl
@@ -37,10 +39,12 @@ from .progress import Progress
 
 def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifier, cams: plots.Cams, y_test: np.ndarray,
           test_probs: np.ndarray, history: dict[str, list[float]], val_epochs: list[dict[str, float]],
-          first_epoch: int, seed: int, closing: dict[str, float], baseline: bool = False) -> None:
+          first_epoch: int, seed: int, closing: dict[str, float], baseline: bool = False,
+          notes: Sequence[tracking.Note] = ()) -> None:
     """The trial's pending record, whole or not at all: written aside, then renamed into place. The model is the
     trial's saved .keras file (its checkpoint), linked into it, not copied; `closing` (epochs trained, best epoch's
-    metrics, setup seconds) is logged with the test scores, in one call off the trial's path."""
+    metrics, setup seconds) is logged with the test scores, in one call off the trial's path; `notes`, those the
+    worker sent, are kept for a search killed before it wrote them all (`recover`)."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -51,8 +55,8 @@ def write(folder: Path, run_id: str, keras_file: Path, served: serving.Classifie
               "threshold": served.threshold, "target": served.target, "first_epoch": first_epoch, "seed": seed,
               "history": {k: [float(v) for v in values] for k, values in history.items()},
               "val_epochs": val_epochs, "requirements": serving.requirements(), "baseline": baseline,
-              "closing": closing}
-    (partial / tracking.TRIAL_FACTS).write_text(json.dumps(record))
+              "closing": closing, "notes": [dataclasses.asdict(note) for note in notes]}
+    (partial / tracking.TRIAL_FACTS).write_text(json.dumps(record, default=float))  # a note's numpy floats
     shutil.rmtree(folder, ignore_errors=True)  # a record an earlier attempt of this trial left
     os.replace(partial, folder)
 
@@ -149,11 +153,14 @@ def _upgraded(folder: Path) -> dict[str, Any]:
 
 
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, search_run_id: str, objective: str,
-           figures: str = FIGURES_FOR[0]) -> bool:
+           figures: str = FIGURES_FOR[0], notes: Notes | None = None) -> bool:
     """Log the pending record and end its run FINISHED, then name it the search's best if it is, and drop the record;
-    a record that cannot be logged fails its run, said on the console, and the search goes on. An interrupt leaves it
-    for `recover`. Returns whether the run finished."""
+    a record that cannot be logged fails its run, said on the console, and the search goes on. The trial's `notes`,
+    if still being written, are waited for first (a run FINISHED has all its epochs), and fail it as a record would.
+    An interrupt leaves it for `recover`. Returns whether the run finished."""
     try:
+        if notes is not None:
+            notes.wait()
         best = log_pending(client, folder, search_run_id, objective, figures)
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
         tracking.fail_trial(client, run_id, f"its record could not be logged: {type(err).__name__}: {err}")
@@ -167,11 +174,34 @@ def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, 
     return True
 
 
+class Notes:
+    """A trial's notes (its epochs), written as they come by the search's notes thread (`Recorder.notes`), not by
+    the thread that waits for its worker: at normal priority each took about 13 ms of CPU (some 60 in a 20-trial
+    search) from the cores the training needed."""
+
+    def __init__(self, thread: ThreadPoolExecutor, write: Callable[[tracking.Note], None]):
+        self._thread, self._write = thread, write
+        self._pending: list[Future] = []
+
+    def write(self, note: tracking.Note) -> None:
+        """Queue a note, raising the error of an earlier one that could not be written: its trial then stops instead
+        of training on for a store that takes nothing."""
+        for future in [f for f in self._pending if f.done()]:
+            future.result()
+            self._pending.remove(future)
+        self._pending.append(self._thread.submit(self._write, note))
+
+    def wait(self) -> None:
+        """Return once every note is written; raise the error of one that could not be."""
+        for future in self._pending:
+            future.result()
+
+
 class Recorder:
-    """The search process's one thread that logs the trials' pending records, in the order they came. A record is
-    held until the search has handed its next trial to a worker (`release`): logged at once, it would take the
-    interpreter lock from the search's own thread, in slices, while that thread creates the next trial's run and
-    sends it, and the worker would wait."""
+    """What the search process logs beside the training: the trials' pending records, in the order they came, on an
+    idle-priority thread, and their notes as they come (`notes`). A record is held until the search has handed its
+    next trial to a worker (`release`): logged at once, it would take the interpreter lock from the search's own
+    thread, in slices, while that thread creates the next trial's run and sends it, and the worker would wait."""
 
     def __init__(self, client: MlflowClient, search_run_id: str, objective: str, progress: Progress,
                  figures: str = FIGURES_FOR[0]):
@@ -179,24 +209,31 @@ class Recorder:
         self.figures = figures  # --figures: whose figures and MLflow model are made at once
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
                                           initializer=_yield_to_training)
-        self._held: list[tuple[str, Path]] = []
+        self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-notes",
+                                         initializer=_behind_training)
+        self._held: list[tuple[str, Path, Notes | None]] = []
         self._queued: list[Future] = []
         self._lock = threading.Lock()
 
-    def hold(self, run_id: str, folder: Path) -> None:
-        """Keep the trial's pending record until `release`; its run ends FINISHED once it is logged."""
+    def hold(self, run_id: str, folder: Path, notes: Notes | None = None) -> None:
+        """Keep the trial's pending record until `release`; its run ends FINISHED once it and its `notes` are in."""
         with self._lock:
-            self._held.append((run_id, folder))
+            self._held.append((run_id, folder, notes))
 
     def release(self) -> None:
         """Log the records held so far, in the background: the search has sent its next trial, or has none to send."""
         with self._lock:
             held, self._held = self._held, []
             self._queued = [f for f in self._queued if not f.done()]
-            self._queued += [self._thread.submit(self._record, run_id, folder) for run_id, folder in held]
+            self._queued += [self._thread.submit(self._record, *record) for record in held]
 
-    def _record(self, run_id: str, folder: Path) -> None:
-        finish(self.client, run_id, folder, self.progress, self.search_run_id, self.objective, self.figures)
+    def notes(self, run_id: str) -> Notes:
+        """A trial's notes, to be written as they come; its record, held, waits for them (a killed search's record
+        brings those it had not written: `recover`)."""
+        return Notes(self._notes, tracking.writer(self.client, run_id))
+
+    def _record(self, run_id: str, folder: Path, notes: Notes | None) -> None:
+        finish(self.client, run_id, folder, self.progress, self.search_run_id, self.objective, self.figures, notes)
 
     def close(self) -> None:
         """Log every record held and wait until all are in (an interrupt leaves the rest on disk, for `recover`)."""
@@ -208,6 +245,20 @@ class Recorder:
         for future in queued:
             future.result()
         self._thread.shutdown()
+        self._notes.shutdown()
+
+
+def _write_unwritten(client: MlflowClient, run_id: str, notes: list[tracking.Note]) -> None:
+    """The notes of a record's trial that its search, killed, had not written yet (it writes them in the
+    background, `Recorder.notes`): a note whose first metric is in the run at its step is in, metrics and tags; one
+    with tags only is written again, which changes nothing."""
+    steps: dict[str, set[int]] = {}
+    for note in notes:
+        key = next((k for k, v in note.metrics.items() if v is not None and math.isfinite(v)), None)
+        if key is not None and key not in steps:
+            steps[key] = {metric.step for metric in client.get_metric_history(run_id, key)}
+        if key is None or note.step not in steps[key]:
+            tracking.log_note(client, run_id, note)
 
 
 def _yield_to_training() -> None:
@@ -216,6 +267,15 @@ def _yield_to_training() -> None:
     workers share the search's session for this: workers.Pool._start)."""
     if sys.platform.startswith("linux"):
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
+def _behind_training() -> None:
+    """The notes thread at nice 19: it takes little more from the training than the recorder's idle thread does, but
+    it is never starved, so that on cores the training keeps busy each epoch is in the store within about a second
+    for whoever watches the curves (measured beside two busy processes: a 13 ms note a second at nice 19, one in 4 s
+    under SCHED_IDLE)."""
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 @contextlib.contextmanager
@@ -238,10 +298,13 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
     left = sorted(project.glob(f"trial_*/{tracking.PENDING}"))
     recovered = []
     for folder in left:
-        run_id = _upgraded(folder)["run_id"]
+        record = _upgraded(folder)
+        run_id = record["run_id"]
         if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
-        elif finish(client, run_id, folder, progress, search_run_id, objective, figures):
+            continue
+        _write_unwritten(client, run_id, [tracking.Note(**note) for note in record.get("notes", [])])
+        if finish(client, run_id, folder, progress, search_run_id, objective, figures):
             progress.notice(f"trial run {run_id}: its record, not yet logged when the search stopped, is logged now")
             recovered.append(run_id)
     if left:  # a run killed between FINISHED and being named best is named now

@@ -243,7 +243,8 @@ def params(values: dict[str, Any]) -> list[Param]:
 @dataclass
 class Note:
     """Metrics (an epoch's at its step) and tags for a run, in one write; a trial's worker hands its notes to the
-    search process, which writes them (`writer`), so that a worker never opens the store."""
+    search process, which writes them (`writer`, in the background: recorder.Recorder.notes), so that a worker
+    never opens the store."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     step: int = 0
@@ -614,6 +615,7 @@ class TrialRecord:
 
     def __init__(self, write: Callable[[Note], None]):
         self.parts: dict[str, float] = {}  # seconds by part of the trial (SETUP names)
+        self.notes: list[Note] = []  # those handed on, kept in the trial's pending record
         self._write = write
         self._lapped, self._charged = time.perf_counter(), 0.0  # the last lap; seconds since charged by calls
 
@@ -643,6 +645,7 @@ class TrialRecord:
         """Hand a note on, its seconds charged to the trial's `mlflow` part."""
         with self._timed(PART_MLFLOW):
             self._write(note)
+        self.notes.append(note)
 
 
 def log_keras(found: MlflowClient, run_id: str, model: Any, served: Any, requirements: list[str],

@@ -123,7 +123,7 @@ def _train_and_evaluate(spec: Spec, plan: Plan, record: tracking.TrialRecord) ->
                **record.setup_seconds(sum(sum(history.get(k, [])) for k in ("train_seconds", "val_seconds"))),
                **{f"{tracking.BEST}{k}": v for k, v in best.items()}}
     recorder.write(Path(spec.trial_dir) / tracking.PENDING, spec.run_id, keras_file, served, cams, y_test, test_probs,
-                   history, validation.epochs, spec.initial_epoch, plan.seed, closing, spec.baseline)
+                   history, validation.epochs, spec.initial_epoch, plan.seed, closing, spec.baseline, record.notes)
     return best
 
 

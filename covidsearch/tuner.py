@@ -102,11 +102,10 @@ class Tuner(base_tuner.BaseTuner):
             return recorded
         started = time.perf_counter()
         spec = self._spec(kt_trial, values, index)
-        pool = self._free.get()
+        pool, notes = self._free.get(), self.recorder.notes(spec.run_id)
         try:
             with tracking.heartbeat(self.client, spec.run_id):
-                reply = pool.run(Task(spec, self.plan), tracking.writer(self.client, spec.run_id),
-                                 sent=self.recorder.release)
+                reply = pool.run(Task(spec, self.plan), notes.write, sent=self.recorder.release)
         except Exception as err:  # this process failed the trial (its store, its pipe): recorded, then Keras Tuner's
             tracking.fail_trial(self.client, spec.run_id, f"{type(err).__name__}: {err}")
             raise
@@ -117,7 +116,7 @@ class Tuner(base_tuner.BaseTuner):
             tracking.fail_trial(self.client, spec.run_id, reply.error, reply.detail)
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {reply.error}", maximise(objective))
             raise kt.errors.FailedTrialError(reply.error)
-        self.recorder.hold(spec.run_id, Path(spec.trial_dir) / tracking.PENDING)
+        self.recorder.hold(spec.run_id, Path(spec.trial_dir) / tracking.PENDING, notes)
         result = reply.metrics
         text = (f"{objective} {result[objective]:.4f}{' (baseline)' if self._is_baseline(values) else ''} in "
                 f"{time.perf_counter() - started:.0f} s: " + _shown(values))

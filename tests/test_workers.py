@@ -463,3 +463,88 @@ def test_trials_run_the_search_processs_covidsearch_whatever_the_working_directo
     search = client.search_runs([client.get_experiment_by_name("covidsearch").experiment_id],
                                 f"tags.{tracking.KIND} = '{tracking.SEARCH}'")[0]
     assert [r.info.status for r in tracking.trial_runs(client, search.info.run_id)] == ["FINISHED"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_a_trials_epochs_are_written_at_low_priority_and_all_in_once_its_run_is_finished(xray_dir, workdir,
+                                                                                         monkeypatch):
+    """Each epoch's note cost the search about 13 ms of CPU at normal priority, on the cores the training needed: the
+    search's nice-19 notes thread writes them, and a run is FINISHED only with every epoch in it, once."""
+    from covidsearch import search
+
+    niceness = []
+    log_note = tracking.log_note
+
+    def spy(found: MlflowClient, run_id: str, note: tracking.Note) -> None:
+        if "loss" in note.metrics:
+            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        log_note(found, run_id, note)
+
+    monkeypatch.setattr(tracking, "log_note", spy)
+    result = search.run(search.Options(data=str(xray_dir), tuner="random", max_trials=2, max_epochs=2,
+                                       test_per_class=8, sets=["input_size=32"], progress="off"))
+    assert result.trials == 2
+    assert len(niceness) == 4 and set(niceness) == {19}
+    client, _ = store(workdir)
+    trials = runs(workdir, "trial")
+    assert [r.info.status for r in trials] == ["FINISHED"] * 2
+    for run in trials:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+
+
+def test_a_note_the_store_cannot_take_stops_the_trial_at_its_next_note_and_fails_its_run(workdir, monkeypatch):
+    """Written in the background, a note that failed still fails its trial: at the trial's next note (its worker is
+    then stopped, not left to train on for a store that takes nothing), else when its record is logged."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    run_id, folder = records.write("0", 0.5)
+
+    def full_disk(found: MlflowClient, run: str, note: tracking.Note) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    keep = recorder.Recorder(records.client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
+    monkeypatch.setattr(tracking, "log_note", full_disk)
+    notes = keep.notes(run_id)
+    notes.write(tracking.Note({"loss": 1.0}, step=0))
+    with pytest.raises(OSError, match="No space left on device"):
+        for step in range(1, 100):  # the first note fails in the background; a later one says so
+            time.sleep(0.1)
+            notes.write(tracking.Note({"loss": 1.0}, step=step))
+    assert step < 99
+
+    last = keep.notes(run_id)
+    last.write(tracking.Note({"loss": 1.0}, step=0))  # the trial's last note: its record says so
+    keep.hold(run_id, folder, last)
+    keep.close()
+    run = records.client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "No space left on device" in run.data.tags[tracking.ERROR]
+
+
+def test_epochs_a_killed_search_had_not_written_yet_come_from_the_record_on_resume(workdir):
+    """The search writes a trial's notes in the background; killed after the worker left its record but before the
+    last notes were in, it finds them in the record on resume: each epoch in the run once, tags too."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    run_id = tracking.start_trial(records.client, records.search_id, "0", "tuner0", False, {})
+    notes = [tracking.Note({"loss": 0.9, "val_loss": 1.0}, step=0), tracking.Note({"loss": 0.8, "val_loss": 0.9}, step=1),
+             tracking.Note({}, tags={tracking.THRESHOLD_REACHED: "false"})]
+    project = workdir / "project"
+    recorder.write(project / "trial_0" / tracking.PENDING, run_id, records.keras_file, records.served, records.cams,
+                   records.labels, records.probs, {"loss": [0.9, 0.8], "accuracy": [0.5, 0.6]},
+                   [{"val_loss": 1.0, "val_accuracy": 0.5}, {"val_loss": 0.9, "val_accuracy": 0.6}], 0, 0,
+                   {"best_val_loss": 0.9}, notes=notes)
+    tracking.log_note(records.client, run_id, notes[0])  # written before the kill; the rest were not
+
+    recovered = recorder.recover(records.client, project, records.search_id, "val_loss",
+                                 Progress("off", None, "val_loss"))
+
+    assert recovered == [run_id]
+    for key, values in {"loss": [0.9, 0.8], "val_loss": [1.0, 0.9]}.items():
+        history = records.client.get_metric_history(run_id, key)
+        assert [(m.step, m.value) for m in history] == list(enumerate(values))
+    assert records.client.get_run(run_id).data.tags[tracking.THRESHOLD_REACHED] == "false"
