@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -191,8 +192,13 @@ class Notes:
             self._pending.remove(future)
         self._pending.append(self._thread.submit(self._write, note))
 
+    def settle(self) -> None:
+        """Return once every note is written or has failed: a run that ends then has nothing land after it."""
+        futures.wait(self._pending)
+
     def wait(self) -> None:
-        """Return once every note is written; raise the error of one that could not be."""
+        """settle(), then raise the error of a note that could not be written."""
+        self.settle()
         for future in self._pending:
             future.result()
 
@@ -209,7 +215,7 @@ class Recorder:
         self.figures = figures  # --figures: whose figures and MLflow model are made at once
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-recorder",
                                           initializer=_yield_to_training)
-        self._notes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-notes",
+        self._notes_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidsearch-notes",
                                          initializer=_behind_training)
         self._held: list[tuple[str, Path, Notes | None]] = []
         self._queued: list[Future] = []
@@ -230,7 +236,7 @@ class Recorder:
     def notes(self, run_id: str) -> Notes:
         """A trial's notes, to be written as they come; its record, held, waits for them (a killed search's record
         brings those it had not written: `recover`)."""
-        return Notes(self._notes, tracking.writer(self.client, run_id))
+        return Notes(self._notes_thread, tracking.writer(self.client, run_id))
 
     def _record(self, run_id: str, folder: Path, notes: Notes | None) -> None:
         finish(self.client, run_id, folder, self.progress, self.search_run_id, self.objective, self.figures, notes)
@@ -245,7 +251,7 @@ class Recorder:
         for future in queued:
             future.result()
         self._thread.shutdown()
-        self._notes.shutdown()
+        self._notes_thread.shutdown()
 
 
 def _write_unwritten(client: MlflowClient, run_id: str, notes: list[tracking.Note]) -> None:

@@ -107,12 +107,14 @@ class Tuner(base_tuner.BaseTuner):
             with tracking.heartbeat(self.client, spec.run_id):
                 reply = pool.run(Task(spec, self.plan), notes.write, sent=self.recorder.release)
         except Exception as err:  # this process failed the trial (its store, its pipe): recorded, then Keras Tuner's
+            notes.settle()  # the run fails with this error, after its notes
             tracking.fail_trial(self.client, spec.run_id, f"{type(err).__name__}: {err}")
             raise
         finally:
             self._free.put(pool)
         tracking.record_worker(self.client, spec.run_id, reply)
         if reply.error is not None:
+            notes.settle()  # the run fails with the trial's own error, after its notes
             tracking.fail_trial(self.client, spec.run_id, reply.error, reply.detail)
             self.progress.finished(index, kt_trial.trial_id, None, f"FAILED: {reply.error}", maximise(objective))
             raise kt.errors.FailedTrialError(reply.error)

@@ -469,7 +469,7 @@ def test_trials_run_the_search_processs_covidsearch_whatever_the_working_directo
 def test_a_trials_epochs_are_written_at_low_priority_and_all_in_once_its_run_is_finished(xray_dir, workdir,
                                                                                          monkeypatch):
     """Each epoch's note cost the search about 13 ms of CPU at normal priority, on the cores the training needed: the
-    search's nice-19 notes thread writes them, and a run is FINISHED only with every epoch in it, once."""
+    search's nice-19 notes thread writes them, and every epoch is in its FINISHED run, once."""
     from covidsearch import search
 
     niceness = []
@@ -490,6 +490,38 @@ def test_a_trials_epochs_are_written_at_low_priority_and_all_in_once_its_run_is_
     assert [r.info.status for r in trials] == ["FINISHED"] * 2
     for run in trials:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+
+
+def test_a_trials_record_waits_for_its_notes_so_a_finished_run_has_all_its_epochs(workdir, monkeypatch):
+    """The notes thread may lag behind a trial (at nice 19, on busy cores): its record, and so FINISHED, comes after."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    run_id, folder = records.write("0", 0.5)
+    written, logging = threading.Event(), threading.Event()
+    log_note, log_pending = tracking.log_note, recorder.log_pending
+
+    def slow_note(found: MlflowClient, run: str, note: tracking.Note) -> None:
+        written.wait(60)
+        log_note(found, run, note)
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        logging.set()
+        return log_pending(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_note", slow_note)
+    monkeypatch.setattr(recorder, "log_pending", spy)
+    keep = recorder.Recorder(records.client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
+    notes = keep.notes(run_id)
+    notes.write(tracking.Note({"loss": 1.0}, step=0))
+    keep.hold(run_id, folder, notes)
+    keep.release()
+    assert not logging.wait(3)  # the record waits while its note is not in
+    written.set()
+    keep.close()
+    assert records.client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in records.client.get_metric_history(run_id, "loss")] == [0]
 
 
 def test_a_note_the_store_cannot_take_stops_the_trial_at_its_next_note_and_fails_its_run(workdir, monkeypatch):
