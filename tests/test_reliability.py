@@ -19,15 +19,19 @@ KILLABLE_EPOCHS = 30  # a trial of the killable search trains this many epochs, 
 EARLY = KILLABLE_EPOCHS // 3  # "early in training": at most this many epochs logged
 
 
+def _epochs_logged(work: Path) -> list[tuple[Any, int]]:
+    """Each trial run with the number of epochs in its loss history."""
+    trials = runs(work, "trial")
+    client = store(work)[0] if trials else None
+    return [(run, len(client.get_metric_history(run.info.run_id, "loss"))) for run in trials]
+
+
 def _early_in_training(work: Path) -> Any | None:
     """A trial run that its worker is fitting and that has most of its epochs still ahead (a kill then lands on a
     trial in flight, not on one whose worker is answering or whose record the search is logging), or None."""
-    trials = runs(work, "trial")
-    client = store(work)[0] if trials else None
-    for run in trials:
-        if run.info.status == "RUNNING" and tracking.EPOCHS_TRAINED not in run.data.metrics:
-            if 0 < len(client.get_metric_history(run.info.run_id, "loss")) <= EARLY:
-                return run
+    for run, epochs in _epochs_logged(work):
+        if run.info.status == "RUNNING" and tracking.EPOCHS_TRAINED not in run.data.metrics and 0 < epochs <= EARLY:
+            return run
     return None
 
 
@@ -45,9 +49,7 @@ def _all_epochs_trained(work: Path) -> bool:
     """A trial has trained all its epochs (its record may still be waiting to be logged: the search logs it at idle
     priority while the next trials train, and on a loaded machine that came as the last trial was past its early
     epochs, so a kill that waited for a FINISHED run found no trial to land on)."""
-    trials = runs(work, "trial")
-    client = store(work)[0] if trials else None
-    return any(len(client.get_metric_history(r.info.run_id, "loss")) == KILLABLE_EPOCHS for r in trials)
+    return any(epochs == KILLABLE_EPOCHS for _, epochs in _epochs_logged(work))
 
 
 def test_sigkilled_search_resumes_with_no_trial_lost(xray_dir, workdir):

@@ -210,13 +210,17 @@ class _Records:
                        {"best_val_loss": val_loss}, baseline)
         return run_id, folder
 
-    def log(self, trials: list[tuple[str, float, bool]]) -> dict[str, str]:
-        """Each (name, val_loss, baseline) trial written, then logged by the search's recorder in that order: the
-        run ids by name."""
+    def recorder(self) -> Any:
+        """The search's recorder, as the search makes it, for this search run."""
         from covidsearch import recorder
         from covidsearch.progress import Progress
 
-        keep = recorder.Recorder(self.client, self.search_id, "val_loss", Progress("off", None, "val_loss"))
+        return recorder.Recorder(self.client, self.search_id, "val_loss", Progress("off", None, "val_loss"))
+
+    def log(self, trials: list[tuple[str, float, bool]]) -> dict[str, str]:
+        """Each (name, val_loss, baseline) trial written, then logged by the search's recorder in that order: the
+        run ids by name."""
+        keep = self.recorder()
         run_ids = {}
         for name, val_loss, baseline in trials:
             run_ids[name], folder = self.write(name, val_loss, baseline)
@@ -495,7 +499,6 @@ def test_a_trials_epochs_are_written_at_low_priority_and_all_in_once_its_run_is_
 def test_a_trials_record_waits_for_its_notes_so_a_finished_run_has_all_its_epochs(workdir, monkeypatch):
     """The notes thread may lag behind a trial (at nice 19, on busy cores): its record, and so FINISHED, comes after."""
     from covidsearch import recorder
-    from covidsearch.progress import Progress
 
     records = _Records(workdir)
     run_id, folder = records.write("0", 0.5)
@@ -512,7 +515,7 @@ def test_a_trials_record_waits_for_its_notes_so_a_finished_run_has_all_its_epoch
 
     monkeypatch.setattr(tracking, "log_note", slow_note)
     monkeypatch.setattr(recorder, "log_pending", spy)
-    keep = recorder.Recorder(records.client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
+    keep = records.recorder()
     notes = keep.notes(run_id)
     notes.write(tracking.Note({"loss": 1.0}, step=0))
     keep.hold(run_id, folder, notes)
@@ -527,16 +530,13 @@ def test_a_trials_record_waits_for_its_notes_so_a_finished_run_has_all_its_epoch
 def test_a_note_the_store_cannot_take_stops_the_trial_at_its_next_note_and_fails_its_run(workdir, monkeypatch):
     """Written in the background, a note that failed still fails its trial: at the trial's next note (its worker is
     then stopped, not left to train on for a store that takes nothing), else when its record is logged."""
-    from covidsearch import recorder
-    from covidsearch.progress import Progress
-
     records = _Records(workdir)
     run_id, folder = records.write("0", 0.5)
 
     def full_disk(found: MlflowClient, run: str, note: tracking.Note) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    keep = recorder.Recorder(records.client, records.search_id, "val_loss", Progress("off", None, "val_loss"))
+    keep = records.recorder()
     monkeypatch.setattr(tracking, "log_note", full_disk)
     notes = keep.notes(run_id)
     notes.write(tracking.Note({"loss": 1.0}, step=0))
