@@ -157,11 +157,14 @@ def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, 
            figures: str = FIGURES_FOR[0], notes: Notes | None = None) -> bool:
     """Log the pending record and end its run FINISHED, then name it the search's best if it is, and drop the record;
     a record that cannot be logged fails its run, said on the console, and the search goes on. The trial's `notes`,
-    if still being written, are waited for first (a run FINISHED has all its epochs), and fail it as a record would.
-    An interrupt leaves it for `recover`. Returns whether the run finished."""
+    if still being written, are waited for first (a run FINISHED has all its epochs); with none (a killed search's
+    record, on resume), those in the record that its run lacks are written first. A note the store cannot take fails
+    the run as the record would. An interrupt leaves it for `recover`. Returns whether the run finished."""
     try:
         if notes is not None:
             notes.wait()
+        else:
+            _write_unwritten(client, run_id, folder)
         best = log_pending(client, folder, search_run_id, objective, figures)
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
         tracking.fail_trial(client, run_id, f"its record could not be logged: {type(err).__name__}: {err}")
@@ -254,12 +257,13 @@ class Recorder:
         self._notes_thread.shutdown()
 
 
-def _write_unwritten(client: MlflowClient, run_id: str, notes: list[tracking.Note]) -> None:
+def _write_unwritten(client: MlflowClient, run_id: str, folder: Path) -> None:
     """The notes of a record's trial that its search, killed, had not written yet (it writes them in the
     background, `Recorder.notes`): a note whose first metric is in the run at its step is in, metrics and tags; one
     with tags only is written again, which changes nothing."""
+    facts = json.loads((folder / tracking.TRIAL_FACTS).read_text())
     steps: dict[str, set[int]] = {}
-    for note in notes:
+    for note in [tracking.Note(**note) for note in facts.get("notes", [])]:
         key = next((k for k, v in note.metrics.items() if v is not None and math.isfinite(v)), None)
         if key is not None and key not in steps:
             steps[key] = {metric.step for metric in client.get_metric_history(run_id, key)}
@@ -309,7 +313,6 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
         if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
             continue
-        _write_unwritten(client, run_id, [tracking.Note(**note) for note in record.get("notes", [])])
         if finish(client, run_id, folder, progress, search_run_id, objective, figures):
             progress.notice(f"trial run {run_id}: its record, not yet logged when the search stopped, is logged now")
             recovered.append(run_id)

@@ -199,15 +199,17 @@ class _Records:
         self.served = serving.Classifier.of(self.model, list(data.DEFAULT_CLASSES))
         self.cams = plots.cams(self.model, np.zeros((3, 32, 32, 3), dtype=np.uint8), self.labels, self.probs)
 
-    def write(self, name: str, val_loss: float, baseline: bool = False) -> tuple[str, Path]:
-        """Trial `name`'s run, started, and its pending record, written as its worker writes it."""
+    def write(self, name: str, val_loss: float, baseline: bool = False, notes: tuple[tracking.Note, ...] = (),
+              project: Path | None = None) -> tuple[str, Path]:
+        """Trial `name`'s run, started, and its pending record in `project` (the work folder if none), written as
+        its worker writes it, keeping the `notes` it sent."""
         from covidsearch import recorder
 
         run_id = tracking.start_trial(self.client, self.search_id, name, "tuner0", baseline, {})
-        folder = self.workdir / name / tracking.PENDING
+        folder = (project or self.workdir) / name / tracking.PENDING
         recorder.write(folder, run_id, self.keras_file, self.served, self.cams, self.labels, self.probs,
                        {"loss": [1.0], "accuracy": [0.5]}, [{"val_loss": val_loss, "val_accuracy": 0.5}], 0, 0,
-                       {"best_val_loss": val_loss}, baseline)
+                       {"best_val_loss": val_loss}, baseline, notes)
         return run_id, folder
 
     def recorder(self) -> Any:
@@ -580,3 +582,33 @@ def test_epochs_a_killed_search_had_not_written_yet_come_from_the_record_on_resu
         history = records.client.get_metric_history(run_id, key)
         assert [(m.step, m.value) for m in history] == list(enumerate(values))
     assert records.client.get_run(run_id).data.tags[tracking.THRESHOLD_REACHED] == "false"
+
+
+def test_an_epoch_the_store_cannot_take_on_resume_fails_only_its_trial(workdir, monkeypatch):
+    """Resuming, the search writes a killed trial's unwritten epochs from its record before logging it; one the
+    store cannot take (a full disk) fails that trial's run, as its record would, and the other records are logged."""
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    project = workdir / "project"
+    epoch = tracking.Note({"loss": 0.9, "val_loss": 1.0}, step=0)
+    broken, _ = records.write("trial_0", 0.6, notes=(epoch,), project=project)
+    whole, _ = records.write("trial_1", 0.5, notes=(epoch,), project=project)
+    log_note = tracking.log_note
+
+    def full_disk(client: MlflowClient, run_id: str, note: tracking.Note) -> None:
+        if run_id == broken:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        log_note(client, run_id, note)
+
+    monkeypatch.setattr(tracking, "log_note", full_disk)
+    recovered = recorder.recover(records.client, project, records.search_id, "val_loss",
+                                 Progress("off", None, "val_loss"))
+
+    assert recovered == [whole]
+    failed = records.client.get_run(broken)
+    assert failed.info.status == "FAILED" and "No space left on device" in failed.data.tags[tracking.ERROR]
+    assert records.client.get_run(whole).info.status == "FINISHED"
+    assert [m.value for m in records.client.get_metric_history(whole, "val_loss")] == [1.0]
+    assert records.client.get_run(records.search_id).data.tags[tracking.BEST_TRIAL] == whole
