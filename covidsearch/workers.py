@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -42,6 +42,7 @@ MAX_GROWTH = 10.0  # percent: a worker whose memory after a trial grew this much
 # working directory first on sys.path, so a checkout (or a half-edited copy) there would train the trials instead.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 BOOT = "import sys; sys.path[0] = sys.argv[1]; from covidsearch.workers import main; main(sys.argv[2:])"
+HUGE_PAGES = "glibc.malloc.hugetlb"  # glibc's tunable: 1 asks the kernel for transparent huge pages for malloc's blocks
 
 
 @dataclass
@@ -120,6 +121,16 @@ def recycle_reason(trials: int, trials_per_worker: int) -> str | None:
     return None
 
 
+def environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """A worker's environment: the search's, with glibc's malloc asking for transparent huge pages (where Linux has
+    them in madvise mode, the common default) unless the user set that tunable. A CPU training step maps its tensors'
+    buffers, tens of MB each, afresh; faulted in 4 KB at a time, they took up to half of a tutorial ConvNet's epoch."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if f"{HUGE_PAGES}=" in tunables:
+        return dict(environ)
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES}=1"]))}
+
+
 class Pool:
     """The worker processes of one trial slot: the current worker, which runs trial after trial, and a standby
     started (Keras imported, the device opened) while the current one trains, which takes over when the current one
@@ -149,7 +160,8 @@ class Pool:
         within its session, took a quarter of the cores from a training worker in another one."""
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", BOOT, str(PACKAGE_ROOT), str(theirs.fileno()), str(self.device_share)]
-        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, **OWN_GROUP)
+        process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                   env=environment(os.environ), **OWN_GROUP)
         theirs.close()
         return _Worker(process, Connection(ours.detach()), Memory(self.max_growth))
 

@@ -20,31 +20,57 @@ from conftest import SMALL, cli, runs, start_search, store, wait_for
 from covidsearch import tracking, trial, workers
 
 
+def _quick_failure(pool: workers.Pool, workdir: Path, n: int) -> workers.Reply:
+    """A trial its worker answers at once: its id is not a number, so it fails before loading data."""
+    client, experiment_id = tracking.connect()
+    plan = trial.Plan(dataset=None, split=None, class_weights={}, cache_dir=str(workdir), objective="val_loss", seed=0)
+    run_id = tracking.create_run(client, experiment_id, f"trial-{n}", {"covidsearch_kind": "trial"})
+    spec = trial.Spec(f"not-a-number-{n}", run_id, {}, epochs=1, initial_epoch=0, trial_dir=str(workdir))
+    return pool.run(workers.Task(spec, plan), tracking.writer(client, run_id))
+
+
 def test_a_worker_outlives_the_thread_that_started_it(workdir):
     """`--workers-per-gpu` runs trials from threads that end one by one; a worker one of them started may be
     serving another's trial, and must not die with it (CI once saw such a trial killed)."""
-    client, experiment_id = tracking.connect()
-    plan = trial.Plan(dataset=None, split=None, class_weights={}, cache_dir=str(workdir), objective="val_loss", seed=0)
-
-    def quick_failure(n: int) -> trial.Spec:
-        """A trial whose worker answers at once: its id is not a number, so it fails before loading data."""
-        run_id = tracking.create_run(client, experiment_id, f"trial-{n}", {"covidsearch_kind": "trial"})
-        return trial.Spec(f"not-a-number-{n}", run_id, {}, epochs=1, initial_epoch=0, trial_dir=str(workdir))
-
-    def run(spec: trial.Spec) -> str:
-        return pool.run(workers.Task(spec, plan), tracking.writer(client, spec.run_id)).error
-
     pool, answers = workers.Pool(trials_per_worker=2), []
-    thread = threading.Thread(target=lambda: answers.append(run(quick_failure(1))))
+    thread = threading.Thread(target=lambda: answers.append(_quick_failure(pool, workdir, 1).error))
     thread.start()
     thread.join()
     time.sleep(1)
     try:
-        second = run(quick_failure(2))  # the same worker process serves it, here
+        second = _quick_failure(pool, workdir, 2).error  # the same worker process serves it, here
     finally:
         pool.close()
     assert answers and answers[0].startswith("ValueError")
     assert second.startswith("ValueError"), second  # not "the worker process died"
+
+
+def _huge_pages_possible() -> bool:
+    """Linux with transparent huge pages on request or always (glibc asks for none where they are never)."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return mode.exists() and "[never]" not in mode.read_text()
+
+
+@pytest.mark.skipif(not _huge_pages_possible(), reason="no transparent huge pages on this machine")
+def test_a_workers_malloc_asks_for_huge_pages(workdir):
+    """A CPU training step's tensors are fresh blocks of tens of MB: a worker's malloc marks its memory for
+    transparent huge pages (madvise: the "hg" flag in the kernel's map of the process), not 4 KB pages one by one."""
+    pool = workers.Pool(trials_per_worker=2)
+    try:
+        reply = _quick_failure(pool, workdir, 1)
+        maps = Path(f"/proc/{reply.pid}/smaps").read_text()  # the worker lives on: 1 trial of its 2
+    finally:
+        pool.close()
+    assert any(" hg" in line for line in maps.splitlines() if line.startswith("VmFlags:"))
+
+
+def test_the_users_own_malloc_settings_are_kept_and_obeyed():
+    """The workers' huge pages are added to what the user set in GLIBC_TUNABLES; GLIBC_TUNABLES=glibc.malloc.hugetlb=0
+    turns them off (a machine where they do not pay)."""
+    assert workers.environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert (workers.environment({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"})["GLIBC_TUNABLES"]
+            == "glibc.malloc.trim_threshold=1048576:glibc.malloc.hugetlb=1")
+    assert workers.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
 def _trial_zero(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, workers.Task]:
