@@ -259,8 +259,8 @@ class Recorder:
 
 def _write_unwritten(client: MlflowClient, run_id: str, folder: Path) -> None:
     """The notes of a record's trial that its search, killed, had not written yet (it writes them in the
-    background, `Recorder.notes`), from the pending record in `folder`: a note whose first metric is in the run at its step is in, metrics and tags; one
-    with tags only is written again, which changes nothing."""
+    background, `Recorder.notes`), from the pending record in `folder`: a note whose first metric is in the run at its
+    step is in, metrics and tags; one with tags only is written again, which changes nothing."""
     facts = json.loads((folder / tracking.TRIAL_FACTS).read_text())
     steps: dict[str, set[int]] = {}
     for note in [tracking.Note(**note) for note in facts.get("notes", [])]:

@@ -124,8 +124,8 @@ def recycle_reason(trials: int, trials_per_worker: int) -> str | None:
 def environment(environ: Mapping[str, str]) -> dict[str, str]:
     """A worker's environment: the search's, with glibc's malloc asking for transparent huge pages (where Linux has
     them in madvise mode, the common default) unless the user set that tunable. A CPU training step maps its tensors'
-    buffers, tens of MB each, afresh; faulted in 4 KB at a time, they cost three times the system CPU, and made a 20-trial
-    ConvNet search last 1.4 times as long here (benchmarks/RESULTS.md)."""
+    buffers, tens of MB each, afresh; faulted in 4 KB at a time, they cost three times the system CPU, and made a
+    20-trial ConvNet search last 1.4 times as long here (benchmarks/RESULTS.md)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     if f"{HUGE_PAGES}=" in tunables:
         return dict(environ)

@@ -70,7 +70,8 @@ def test_the_users_own_malloc_settings_are_kept_and_obeyed():
     assert workers.environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert (workers.environment({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"})["GLIBC_TUNABLES"]
             == "glibc.malloc.trim_threshold=1048576:glibc.malloc.hugetlb=1")
-    assert workers.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert workers.environment(off)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
 def _trial_zero(xray_dir: Path, workdir: Path, trial_dir: Path) -> tuple[MlflowClient, str, workers.Task]:
