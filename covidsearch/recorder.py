@@ -135,14 +135,19 @@ def complete_later(client: MlflowClient, run: Any) -> str | None:
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A record's facts and arrays."""
     with np.load(folder / tracking.TRIAL_ARRAYS) as arrays:
-        return json.loads((folder / tracking.TRIAL_FACTS).read_text()), dict(arrays)
+        return _facts(folder), dict(arrays)
+
+
+def _facts(folder: Path) -> dict[str, Any]:
+    """A record's facts alone: what its run, its model and its notes need, without the arrays."""
+    return json.loads((folder / tracking.TRIAL_FACTS).read_text())
 
 
 def _upgraded(folder: Path) -> dict[str, Any]:
     """A pending record's facts, rewritten in today's form where an older version (killed, then upgraded, then
     resumed) left it: that named the checkpoint instead of linking it, and had no baseline flag (its baseline gets
     figures on request)."""
-    record = json.loads((folder / tracking.TRIAL_FACTS).read_text())
+    record = _facts(folder)
     if "keras_file" in record or "baseline" not in record or "closing" not in record:
         old_checkpoint = Path(record.pop("keras_file", ""))
         if old_checkpoint.is_file() and not (folder / tracking.KERAS_FILE).exists():
@@ -261,9 +266,8 @@ def _write_unwritten(client: MlflowClient, run_id: str, folder: Path) -> None:
     """The notes of a record's trial that its search, killed, had not written yet (it writes them in the
     background, `Recorder.notes`), from the pending record in `folder`: a note whose first metric is in the run at its
     step is in, metrics and tags; one with tags only is written again, which changes nothing."""
-    facts = json.loads((folder / tracking.TRIAL_FACTS).read_text())
     steps: dict[str, set[int]] = {}
-    for note in [tracking.Note(**note) for note in facts.get("notes", [])]:
+    for note in [tracking.Note(**note) for note in _facts(folder).get("notes", [])]:
         key = next((k for k, v in note.metrics.items() if v is not None and math.isfinite(v)), None)
         if key is not None and key not in steps:
             steps[key] = {metric.step for metric in client.get_metric_history(run_id, key)}
