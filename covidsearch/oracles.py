@@ -98,7 +98,7 @@ class _Budgeted:
         if self.budget is None or tuner_id in self.ongoing_trials:
             return super().create_trial(tuner_id)
         left, need = self.budget_left(), None
-        if left > 0:
+        if left > 0 or not self.trials:  # the first trial runs however long setting up took
             trial = super().create_trial(tuner_id)
             if trial.status != kt.engine.trial.TrialStatus.RUNNING:
                 return trial

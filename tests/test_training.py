@@ -214,6 +214,19 @@ def test_a_budget_starts_no_trial_that_would_not_fit_and_a_resume_has_what_is_le
     assert again.status == running and again.trial_id == "02"  # the trial handed back runs first
 
 
+def test_the_first_trial_runs_even_when_setting_up_took_the_whole_budget(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    clock = _Clock()
+    monkeypatch.setattr(oracles.time, "monotonic", clock)
+    oracle = _budgeted(tmp_path, budget=1)
+    oracle.save()  # the tuner saves its oracle while it sets up: the budget's clock is running
+    clock.now = 3  # a slow machine: loading the data and starting the workers took longer than the budget
+    first = oracle.create_trial("tuner0")
+    assert first.status == kt.engine.trial.TrialStatus.RUNNING
+    _complete(oracle, first)
+    assert oracle.create_trial("tuner0").status == kt.engine.trial.TrialStatus.STOPPED
+
+
 def test_a_search_with_a_budget_ends_finished_with_its_leaderboard(xray_dir: Path, workdir: Path):
     result = cli("run", "--space", "vanilla", "--data", str(xray_dir), "--tuner", "random", "--budget", "1s",
                  "--max-epochs", "1", "--test-per-class", "8", cwd=workdir)
