@@ -26,14 +26,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"4 KB pages": "glibc.malloc.hugetlb=0", "huge pages": "glibc.malloc.hugetlb=1"}
+sys.path.insert(0, str(ROOT))
+from covidsearch import workers  # noqa: E402
+
+NO_TUNABLES = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+SETTINGS = {"4 KB pages": f"{workers.HUGE_PAGES}=0",  # a user's own setting: it wins over the workers' default
+            "huge pages": workers.environment(NO_TUNABLES)["GLIBC_TUNABLES"]}  # what a search gives its workers
 
 
 def train(epochs: int, images: int) -> dict[str, float]:
     """The tutorial ConvNet's epochs in this process: median epoch after the first (compile), faults, system CPU."""
     import numpy as np
 
-    sys.path.insert(0, str(ROOT))
     from covidsearch import models
 
     config = {"model": "convnet", "input_size": 50, "filters": 32, "dense_units": 256, "dropout": 0.5,
