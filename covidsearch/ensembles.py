@@ -124,7 +124,7 @@ def _record(client: MlflowClient, search_run_id: str, chosen: list[Member], ense
     write = tracking.writer(client, run_id)
     try:
         write(tracking.Note(scores))
-        client.log_table(run_id, table, tracking.CONFUSION)
+        tracking.log_confusion(client, run_id, table)
         if point is not None:
             write(point.note())
         served = (serving.Classifier.of(ensemble, classes) if point is None else

@@ -71,10 +71,11 @@ def _link(source: Path, link: Path) -> None:
         shutil.copy2(source, link)
 
 
-def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objective: str, figures: str) -> bool:
+def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objective: str, figures: str) -> float | None:
     """A pending record logged to its run: the trial's closing metrics, the test scores with their bootstrap
     intervals and the confusion table, its data; its figures and MLflow model too if it beats the search's best or
-    is its baseline, or for every trial (`figures`); and the seconds that took. Returns whether it beats the best."""
+    is its baseline, or for every trial (`figures`); and the seconds that took, in its last write, with the scores.
+    Returns its score if it beats the best, else None."""
     started = time.perf_counter()
     record, arrays = _read(folder)
     run_id, classes, y_test, test_probs = record["run_id"], record["classes"], arrays["y_test"], arrays["test_probs"]
@@ -82,15 +83,16 @@ def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objectiv
                                       for k, v in metrics.evaluate(y_test, test_probs, classes).items()}}
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
-    client.log_table(run_id, metrics.confusion_table(y_test, test_probs, classes), tracking.CONFUSION)
-    client.log_batch(run_id, metrics=tracking.metrics(scores))
-    best = tracking.new_best(client, search_run_id, objective, run_id) is not None
+    tracking.log_confusion(client, run_id, metrics.confusion_table(y_test, test_probs, classes))
+    score = scores.get(f"{tracking.BEST}{objective}")
+    best = tracking.new_best(client, search_run_id, objective, score)
     completed = best or record["baseline"] or figures == FIGURES_EVERY
     if completed:
         complete(client, folder)
     _log_data(client, run_id, folder, checkpoint=not completed)
-    client.log_metric(run_id, tracking.RECORD_SECONDS, time.perf_counter() - started)
-    return best
+    scores[tracking.RECORD_SECONDS] = time.perf_counter() - started
+    client.log_batch(run_id, metrics=tracking.metrics(scores))
+    return score if best else None
 
 
 def _log_data(client: MlflowClient, run_id: str, folder: Path, checkpoint: bool) -> None:
@@ -143,19 +145,19 @@ def _facts(folder: Path) -> dict[str, Any]:
     return json.loads((folder / tracking.TRIAL_FACTS).read_text())
 
 
-def _upgraded(folder: Path) -> dict[str, Any]:
-    """A pending record's facts, rewritten in today's form where an older version (killed, then upgraded, then
+def _upgrade(folder: Path, logged: dict[str, float]) -> None:
+    """A pending record rewritten in today's form where an older version (killed, then upgraded, then
     resumed) left it: that named the checkpoint instead of linking it, and had no baseline flag (its baseline gets
-    figures on request)."""
+    figures on request); the oldest had no closing metrics, which their workers had `logged` to the run themselves
+    (its best epoch's are what says whether it beats the search's best)."""
     record = _facts(folder)
     if "keras_file" in record or "baseline" not in record or "closing" not in record:
         old_checkpoint = Path(record.pop("keras_file", ""))
         if old_checkpoint.is_file() and not (folder / tracking.KERAS_FILE).exists():
             _link(old_checkpoint, folder / tracking.KERAS_FILE)
         record.setdefault("baseline", False)
-        record.setdefault("closing", {})  # the oldest workers logged their closing metrics themselves
+        record.setdefault("closing", {k: v for k, v in logged.items() if k.startswith(tracking.BEST)})
         (folder / tracking.TRIAL_FACTS).write_text(json.dumps(record))
-    return record
 
 
 def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, search_run_id: str, objective: str,
@@ -170,15 +172,15 @@ def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, 
             notes.wait()
         else:
             _write_unwritten(client, run_id, folder)
-        best = log_pending(client, folder, search_run_id, objective, figures)
+        best = log_pending(client, folder, search_run_id, objective, figures)  # its score if it beats the best
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
         tracking.fail_trial(client, run_id, f"its record could not be logged: {type(err).__name__}: {err}")
         progress.notice(f"trial run {run_id}: its record could not be logged ({err}): marked FAILED")
         shutil.rmtree(folder, ignore_errors=True)
         return False
     tracking.finish_trial(client, run_id)
-    if best:
-        tracking.note_best(client, search_run_id, objective, run_id)
+    if best is not None:
+        tracking.note_best(client, search_run_id, objective, run_id, best)
     shutil.rmtree(folder, ignore_errors=True)
     return True
 
@@ -312,9 +314,10 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
     left = sorted(project.glob(f"trial_*/{tracking.PENDING}"))
     recovered = []
     for folder in left:
-        record = _upgraded(folder)
-        run_id = record["run_id"]
-        if tracking.get_run(client, run_id).info.status == "FINISHED":  # logged, then killed before the clean-up
+        run_id = _facts(folder)["run_id"]
+        run = tracking.get_run(client, run_id)
+        _upgrade(folder, run.data.metrics)
+        if run.info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
             continue
         if finish(client, run_id, folder, progress, search_run_id, objective, figures):

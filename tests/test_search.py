@@ -63,7 +63,10 @@ def test_every_trial_is_a_finished_child_with_params_curves_test_metrics_and_mod
         assert 0.0 <= m["test_sensitivity_covid_19"] <= 1.0
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert len(history) == int(m["epochs_trained"]) and len(client.get_metric_history(run.info.run_id, "loss"))
-        assert {"confusion_matrix.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        table = client.load_table(experiment_id, "confusion_matrix.json", [run.info.run_id])  # as log_table left it
+        assert list(table["true"]) == ["COVID-19", "Normal", "Viral Pneumonia"]
+        assert table.filter(like="predicted").to_numpy().sum() == 24  # every test image once
+        assert "confusion_matrix.json" in run.data.tags["mlflow.loggedArtifacts"]  # the UI shows it as a table
         models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
         assert len(models) == 1
     mlflow.set_tracking_uri(client.tracking_uri)

@@ -368,6 +368,31 @@ def test_a_record_left_by_an_older_version_is_logged_on_resume(workdir):
     assert records.client.get_run(records.search_id).data.tags[tracking.BEST_TRIAL] == run_id
 
 
+def test_the_oldest_record_is_weighed_against_the_best_by_the_epoch_its_worker_logged_itself(workdir):
+    """Killed, upgraded, resumed: the oldest pending records had no closing metrics (their workers logged them to the
+    run themselves); such a trial that beats the search's best still gets its figures and MLflow model at once."""
+    import json
+
+    from covidsearch import recorder
+    from covidsearch.progress import Progress
+
+    records = _Records(workdir)
+    run_id, folder = records.write("trial_0", 0.5)
+    facts = json.loads((folder / tracking.TRIAL_FACTS).read_text())
+    del facts["closing"]
+    (folder / tracking.TRIAL_FACTS).write_text(json.dumps(facts))
+    records.client.log_metric(run_id, "best_val_loss", 0.5)
+    (workdir / "project").mkdir()
+    folder.parent.rename(workdir / "project" / "trial_0")
+
+    assert recorder.recover(records.client, workdir / "project", records.search_id, "val_loss",
+                            Progress("off", None, "val_loss")) == [run_id]
+
+    run = records.client.get_run(run_id)
+    assert tracking.logged_model(records.client, run) is not None
+    assert {a.path for a in records.client.list_artifacts(run_id, tracking.FIGURES)}
+
+
 def _trials_by_id(work: Path) -> dict[str, Any]:
     return {r.data.tags[tracking.TRIAL_ID]: r for r in runs(work, "trial")}
 
