@@ -2,12 +2,12 @@
 
 The tutorial's eight (loss, accuracy, TP, FP, TN, FN, precision, recall) follow Keras'
 definitions on one-hot labels at threshold 0.5; per-class sensitivity and specificity,
-macro F1 and one-vs-rest AUC follow scikit-learn.
+macro F1 and one-vs-rest AUC follow scikit-learn (tests/test_metrics.py checks them against it),
+computed here in numpy, by one definition for a point estimate and for each bootstrap resample.
 """
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score
 
 from .data import metric_safe
 
@@ -48,34 +48,24 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[
     fp = float((predicted & (onehot == 0)).sum())
     tn = float((~predicted & (onehot == 0)).sum())
     fn = float((~predicted & (onehot == 1)).sum())
+    shared = {k: float(v[0]) for k, v in resampled(labels, probs, classes, np.ones(len(labels))).items()}
     out = {
         "loss": float(-(onehot * np.log(clipped)).sum(1).mean()),
-        "accuracy": float((probs.argmax(1) == labels).mean()),
+        "accuracy": shared.pop("accuracy"),
         "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "macro_f1": float(f1_score(labels, probs.argmax(1), average="macro", labels=range(len(classes)),
-                                   zero_division=0)),
+        **shared,
     }
-    matrix = confusion(labels, probs)
-    for i, name in enumerate(classes):
-        positives, negatives = matrix[i].sum(), matrix.sum() - matrix[i].sum()
-        out[f"sensitivity_{metric_safe(name)}"] = float(matrix[i, i] / positives) if positives else float("nan")
-        true_neg = negatives - (matrix[:, i].sum() - matrix[i, i])
-        out[f"specificity_{metric_safe(name)}"] = float(true_neg / negatives) if negatives else float("nan")
     # The lowest per-class sensitivity: an objective for "miss no class, COVID-19 included". Maximising COVID-19
     # sensitivity alone rewards calling every image COVID-19; this scores that model 0.
     sensitivities = [v for k, v in out.items() if k.startswith("sensitivity_") and not np.isnan(v)]
     out["min_sensitivity"] = min(sensitivities) if sensitivities else float("nan")
-    present = np.unique(labels)
-    if len(present) == len(classes):
-        out["auc"] = float(roc_auc_score(labels, probs / probs.sum(1, keepdims=True), multi_class="ovr",
-                                         labels=list(range(len(classes)))))
     return out
 
 
 def confusion_table(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, list]:
-    """The confusion matrix as columns of a table (MLflow log_table)."""
+    """The confusion matrix as columns of a table, as tracking.log_confusion logs it."""
     matrix = confusion(labels, probs)
     table: dict[str, list] = {"true": list(classes)}
     for j, name in enumerate(classes):
@@ -122,6 +112,17 @@ def _weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -
     neg = np.add.reduceat(w, ties, axis=1) - pos
     below = np.cumsum(neg, axis=1) - neg
     return _divide((pos * (below + 0.5 * neg)).sum(1), pos.sum(1) * neg.sum(1), np.nan)
+
+
+def roc(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One class's ROC curve as the figure draws it: (false, true) positive rates from (0, 0) through each distinct
+    score, highest first, so that its area (np.trapezoid) is the AUC of the same scores."""
+    positive, scores = np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    last = np.r_[np.flatnonzero(np.diff(scores[order]) != 0), len(scores) - 1]  # each distinct score's last image
+    hits = np.cumsum(positive[order])[last]
+    false_alarms = last + 1 - hits
+    return np.r_[0.0, false_alarms / false_alarms[-1]], np.r_[0.0, hits / hits[-1]]
 
 
 def resampled(labels: np.ndarray, probs: np.ndarray, classes: list[str], weights: np.ndarray) -> dict[str, np.ndarray]:

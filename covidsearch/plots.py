@@ -19,9 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties, findfont
 from matplotlib.textpath import text_to_path
 from PIL import Image, ImageDraw, ImageFont
-from sklearn.metrics import auc, roc_curve
 
-from .metrics import confusion
+from .metrics import confusion, roc
 from .tracking import FIGURE_FILES
 
 DPI = 100
@@ -128,8 +127,8 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> Fig
         positive = labels == i
         if positive.all() or not positive.any():
             continue
-        fpr, tpr, _ = roc_curve(positive, probs[:, i])
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+        fpr, tpr = roc(positive, probs[:, i])
+        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC {np.trapezoid(tpr, fpr):.3f})")
     ax.set(title="Test ROC, one class vs the rest", xlabel="false positive rate", ylabel="true positive rate",
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
     ax.legend(loc="lower right")

@@ -272,7 +272,7 @@ def provenance() -> dict[str, str]:
     commit = _git_commit()
     tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "python": sys.version.split()[0],
             "keras_backend": keras.backend.backend()}
-    for package in ("covidsearch", "keras", "keras-tuner", "mlflow", "tensorflow", "jax", "numpy", "scikit-learn"):
+    for package in ("covidsearch", "keras", "keras-tuner", "mlflow", "tensorflow", "jax", "numpy"):
         with contextlib.suppress(PackageNotFoundError):
             tags[f"version.{package}"] = version(package)
     return tags

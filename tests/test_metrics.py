@@ -50,11 +50,32 @@ def _right_on(fraction: float, n: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.eye(3)[predicted] * 0.7 + 0.1
 
 
-def test_resampled_with_unit_weights_is_evaluate_auc_included():
-    labels, probs = _predictions(450)
-    point = metrics.evaluate(labels, probs, CLASSES)
-    for name, values in metrics.resampled(labels, probs, CLASSES, np.ones(len(labels))).items():
-        assert values[0] == pytest.approx(point[name], abs=1e-12), name
+def test_macro_f1_and_auc_are_scikit_learns_ties_and_empty_classes_included():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    for classes, n in ((CLASSES, 450), ([*CLASSES, "Lung Opacity"], 60)):
+        labels = rng.integers(0, len(classes), n)
+        probs = np.round(rng.dirichlet(np.ones(len(classes)), n), 1) + 1e-3  # rounded: many tied scores
+        probs[:, -1] *= 0.01  # the last class almost never predicted: its F1 has no predictions to count
+        scores = metrics.evaluate(labels, probs, classes)
+        assert scores["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro",
+                                                             labels=range(len(classes)), zero_division=0), abs=1e-12)
+        assert scores["auc"] == pytest.approx(roc_auc_score(labels, probs / probs.sum(1, keepdims=True),
+                                                            multi_class="ovr"), abs=1e-12)
+
+
+def test_the_roc_figures_curve_is_scikit_learns_and_its_area_the_auc():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(4)
+    positive = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) * 0.5 + 0.4 * positive, 2)
+    fpr, tpr = metrics.roc(positive, scores)
+    expected_fpr, expected_tpr, _ = roc_curve(positive, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, expected_fpr)
+    np.testing.assert_allclose(tpr, expected_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
 
 
 def test_a_resample_as_weights_scores_like_the_repeated_images():
