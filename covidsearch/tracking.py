@@ -347,12 +347,15 @@ def record_best(found: MlflowClient, search_run_id: str, objective: str) -> None
 
 
 def new_best(found: MlflowClient, search_run_id: str, objective: str, score: float | None) -> bool:
-    """Whether a trial's score (its best_ objective) beats the search run's best so far: one read whatever the number
-    of trials, where record_best reads every trial, which a long search would pay for each."""
+    """Whether a trial's score (its best_ objective; NaN, an objective its validation could not define, never)
+    beats the search run's best so far: one read whatever the number of trials, where record_best reads every trial,
+    which a long search would pay for each."""
+    if score is None or not math.isfinite(score):
+        return False
     search = get_run(found, search_run_id).data
     best = search.metrics.get(f"{BEST}{objective}")
     sign = 1 if minimised(search.params) else -1
-    return score is not None and (best is None or sign * score < sign * best)
+    return best is None or sign * score < sign * best
 
 
 def note_best(found: MlflowClient, search_run_id: str, objective: str, trial_run_id: str, score: float) -> None:

@@ -74,6 +74,16 @@ def test_the_search_run_names_its_best_trial_as_each_trial_is_recorded(workdir):
         assert client.get_run(search_id).data.metrics[f"{tracking.BEST}{objective}"] == scores[best]
 
 
+def test_a_trial_whose_objective_is_not_a_number_is_never_the_best(workdir):
+    """A validation split without COVID-19 images leaves val_sensitivity_covid_19 undefined: such a trial, even the
+    first, is not named the search's best."""
+    client, experiment_id = tracking.connect()
+    search_id = tracking.create_run(client, experiment_id, "search", {tracking.KIND: tracking.SEARCH})
+    client.log_param(search_id, tracking.OBJECTIVE_DIRECTION, "max")
+    assert not tracking.new_best(client, search_id, "val_sensitivity_covid_19", float("nan"))
+    assert tracking.new_best(client, search_id, "val_sensitivity_covid_19", 0.9)
+
+
 def test_a_search_in_another_experiment_is_found_by_its_run_id_alone(workdir, capsys):
     client, experiment_id = tracking.connect(experiment="ablation")
     search_id = tracking.create_run(client, experiment_id, "search-x", {tracking.KIND: tracking.SEARCH})
