@@ -126,8 +126,9 @@ def roc(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def resampled(labels: np.ndarray, probs: np.ndarray, classes: list[str], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """accuracy, sensitivity_/specificity_<class>, macro_f1 and auc, as evaluate() defines them, for each row of
-    weights (images x times drawn); NaN where undefined, auc only when every class has images."""
+    """accuracy, sensitivity_/specificity_<class>, macro_f1 and auc as scikit-learn defines them, for each row of
+    weights (images x times drawn; evaluate's are those of unit weights); NaN where undefined, auc only when every
+    class has images."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))

@@ -83,15 +83,17 @@ def log_pending(client: MlflowClient, folder: Path, search_run_id: str, objectiv
                                       for k, v in metrics.evaluate(y_test, test_probs, classes).items()}}
     scores.update(metrics.interval_metrics(metrics.intervals(y_test, test_probs, classes, seed=record["seed"]),
                                            tracking.TEST))
-    tracking.log_confusion(client, run_id, metrics.confusion_table(y_test, test_probs, classes))
     score = scores.get(f"{tracking.BEST}{objective}")
-    best = tracking.new_best(client, search_run_id, objective, score)
-    completed = best or record["baseline"] or figures == FIGURES_EVERY
-    if completed:
-        complete(client, folder)
-    _log_data(client, run_id, folder, checkpoint=not completed)
-    scores[tracking.RECORD_SECONDS] = time.perf_counter() - started
-    client.log_batch(run_id, metrics=tracking.metrics(scores))
+    try:
+        tracking.log_confusion(client, run_id, metrics.confusion_table(y_test, test_probs, classes))
+        best = tracking.new_best(client, search_run_id, objective, score)
+        completed = best or record["baseline"] or figures == FIGURES_EVERY
+        if completed:
+            complete(client, folder)
+        _log_data(client, run_id, folder, checkpoint=not completed)
+    finally:  # a run whose files could not be logged ends FAILED, its scores kept: nothing else holds them
+        scores[tracking.RECORD_SECONDS] = time.perf_counter() - started
+        client.log_batch(run_id, metrics=tracking.metrics(scores))
     return score if best else None
 
 
@@ -172,15 +174,15 @@ def finish(client: MlflowClient, run_id: str, folder: Path, progress: Progress, 
             notes.wait()
         else:
             _write_unwritten(client, run_id, folder)
-        best = log_pending(client, folder, search_run_id, objective, figures)  # its score if it beats the best
+        score = log_pending(client, folder, search_run_id, objective, figures)  # None unless it beats the best
     except Exception as err:  # the trial trained and was scored: one failed upload must not end the search
         tracking.fail_trial(client, run_id, f"its record could not be logged: {type(err).__name__}: {err}")
         progress.notice(f"trial run {run_id}: its record could not be logged ({err}): marked FAILED")
         shutil.rmtree(folder, ignore_errors=True)
         return False
     tracking.finish_trial(client, run_id)
-    if best is not None:
-        tracking.note_best(client, search_run_id, objective, run_id, best)
+    if score is not None:
+        tracking.note_best(client, search_run_id, objective, run_id, score)
     shutil.rmtree(folder, ignore_errors=True)
     return True
 
@@ -316,10 +318,10 @@ def recover(client: MlflowClient, project: Path, search_run_id: str, objective: 
     for folder in left:
         run_id = _facts(folder)["run_id"]
         run = tracking.get_run(client, run_id)
-        _upgrade(folder, run.data.metrics)
         if run.info.status == "FINISHED":  # logged, then killed before the clean-up
             shutil.rmtree(folder)
             continue
+        _upgrade(folder, run.data.metrics)
         if finish(client, run_id, folder, progress, search_run_id, objective, figures):
             progress.notice(f"trial run {run_id}: its record, not yet logged when the search stopped, is logged now")
             recovered.append(run_id)

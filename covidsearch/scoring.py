@@ -48,7 +48,7 @@ class Server:
 
 def prepare(ref: str, host: str = "127.0.0.1", port: int = 5001, tracking_uri: str | None = None) -> Server:
     """The scoring server for a model reference as `predict` takes it, refusing what it cannot serve as images."""
-    from . import inference  # and scikit-learn with it: not imported where the model is served
+    from . import inference  # not imported where the model is served
 
     source = inference.locate(ref, tracking_uri)
     if not source.uri.startswith("models:/"):

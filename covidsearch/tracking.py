@@ -713,7 +713,8 @@ def log_confusion(found: MlflowClient, run_id: str, table: dict[str, list]) -> N
     artifacts and reads the run back): that was a third of the search's CPU for logging a trial's record."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFUSION
-        path.write_text(json.dumps({"columns": list(table), "data": [list(row) for row in zip(*table.values())]}))
+        path.write_text(json.dumps({"columns": list(table), "data": [list(row) for row in zip(*table.values())]},
+                                   separators=(",", ":")))
         found.log_artifact(run_id, str(path))
     found.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([{"path": CONFUSION, "type": "table"}]))
 
